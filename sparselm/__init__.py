@@ -1,0 +1,38 @@
+"""sparselm: make transformer language models sparse, and measure what it buys.
+
+    import sparselm as sl
+    model, tok = sl.load("path/to/hf-model")          # or a built-in name: "tiny", "small"
+    calib = sl.data.calibration(tok, "stdlib", n=128, seq_len=512)
+    report = sl.sparsify(model, sl.SparseGPT(sparsity=0.5, pattern="2:4"), calib)
+    print(sl.evaluate(model, tok).table())
+    sl.save(model, tok, "out/")
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names -> the module that defines them; imported on first use so that
+# `import sparselm` stays cheap and one subsystem's import error cannot break another's.
+_EXPORTS = {
+    "load": "sparselm.io", "save": "sparselm.io",
+    "sparsify": "sparselm.prune", "Magnitude": "sparselm.prune", "Wanda": "sparselm.prune",
+    "SparseGPT": "sparselm.prune", "SparsifyReport": "sparselm.prune",
+    "evaluate": "sparselm.evaluate", "perplexity": "sparselm.evaluate",
+    "SparselmError": "sparselm.errors",
+    "load_builtin": "sparselm.zoo",
+}
+_SUBMODULES = {"data", "prune", "zoo", "adapters", "engine", "evaluate", "io"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"sparselm.{name}")
+    raise AttributeError(f"module 'sparselm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

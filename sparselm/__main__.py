@@ -1,0 +1,5 @@
+import sys
+
+from sparselm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh 2023,
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+For a layer with weight W [R, C] and Hessian H = (2/n) X X^T [C, C], columns are processed
+left to right in blocks of `blocksize`; pruning column i sets the chosen weights to zero and
+spreads the error over the not-yet-processed columns with the row i of the upper Cholesky
+factor of H^-1 (Alg. 1). Updates to later blocks are applied lazily once per block.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from sparselm.prune.masks import Pattern
+
+# quantizer(column [R], column index, current weights of the block from that column on [R, k]) -> [R]
+ColumnQuantizer = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+class CholeskyError(RuntimeError):
+    pass
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp*I)^-1 (U^T U = H^-1), and the dampening used.
+
+    If the factorisation fails, the dampening is multiplied by 10 and retried, with a warning;
+    after `max_tries` failures a CholeskyError is raised: never a silent fallback.
+    """
+    mean_diag = hessian.diagonal().mean().item()
+    damp = percdamp
+    for attempt in range(max_tries):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    warnings.warn(f"SparseGPT: Hessian not positive definite with dampening {percdamp}; "
+                                  f"succeeded with {damp:g} x mean(diag H). Consider more calibration data.",
+                                  RuntimeWarning, stacklevel=3)
+                return U, damp
+        damp *= 10
+    raise CholeskyError(f"Cholesky factorisation of the Hessian failed even with dampening {damp / 10:g}; "
+                        f"the calibration inputs are degenerate (too few samples?)")
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern = Pattern(),
+                    blocksize: int = 128, percdamp: float = 0.01,
+                    quantizer: ColumnQuantizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weight, keep mask) for weight [R, C] (any float dtype; math in float32).
+
+    - dead inputs (H_jj = 0) get H_jj = 1 and their weight column is zeroed (and pruned);
+    - unstructured: the mask is chosen per `blocksize`-column block, removing the
+      floor(sparsity * R * block) weights of lowest w^2 / [H^-1]_jj^2 across all rows;
+    - N:M: at every column i with i % M == 0, the M - N lowest scores of each row among
+      columns i..i+M-1 are removed, scored on the already-updated weights;
+    - `quantizer` (optional) rounds each kept column inside the loop, so the error
+      compensation covers quantization too (SparseGPT section 3.5, joint sparsification
+      and quantization).
+    """
+    rows, cols = weight.shape
+    W = weight.detach().clone().float()  # [R, C]
+    H = hessian.detach().clone().float().to(W.device)  # [C, C]
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, _ = inverse_hessian_factor(H, percdamp)  # [C, C] upper
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    keep[:, dead] = False
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()  # [R, b]
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]  # [b, b]
+        d = U1.diagonal()  # [b]
+        prune1 = ~keep[:, i1:i2]  # [R, b]; True = removed
+        if not pattern.is_nm:
+            scores = W1.pow(2) / d.pow(2).unsqueeze(0)  # [R, b]
+            k = int(sparsity * scores.numel())
+            if k:
+                flat = prune1.flatten()
+                flat[torch.topk(scores.flatten(), k, largest=False).indices] = True
+                prune1 = flat.view_as(scores)
+        for i in range(count):
+            w = W1[:, i]  # [R]
+            if pattern.is_nm and i % pattern.m == 0:
+                g = slice(i, i + pattern.m)
+                scores = W1[:, g].pow(2) / d[g].pow(2).unsqueeze(0)  # [R, M]
+                idx = torch.topk(scores, pattern.m - pattern.n, dim=1, largest=False).indices
+                prune1[:, g] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+            q = w.clone()
+            q[prune1[:, i]] = 0
+            if quantizer is not None:
+                q = torch.where(prune1[:, i], q, quantizer(q, i1 + i, W1[:, i:]))
+            Q1[:, i] = q
+            err = (w - q) / d[i]  # [R]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)  # OBS update of the rest of the block
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        keep[:, i1:i2] = ~prune1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
+    return W.to(weight.dtype), keep

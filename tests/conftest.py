@@ -1,0 +1,43 @@
+import copy
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """The built-in tiny model (trained on the default corpus on first use, then cached)."""
+    from sparselm.zoo import load_builtin
+
+    return load_builtin("tiny", progress=False)
+
+
+@pytest.fixture
+def tiny(tiny_pair):
+    """A private copy of the tiny model (tests may prune it) and its tokenizer."""
+    model, tok = tiny_pair
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_calib(tiny_pair):
+    from sparselm.data import calibration
+
+    return calibration(tiny_pair[1], n=32, seq_len=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_test_ids(tiny_pair):
+    from sparselm.data import corpus_token_ids
+
+    return corpus_token_ids(tiny_pair[1], None, "test")
+
+
+def random_llama(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
