@@ -33,6 +33,13 @@ def plot_perplexity_vs_sparsity(rows: list[dict], path: Path, title: str) -> Non
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     dense = [r for r in rows if r["method"] == "dense"]
+    pruned = [r for r in rows if r["method"] != "dense"]
+    if len({round(r["sparsity"], 2) for r in pruned}) == 1:  # one sparsity: bars read better than points
+        _bars(ax, pruned, dense, title)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
     if dense:
         ax.axhline(dense[0]["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
     groups: dict[tuple, list] = {}
@@ -40,7 +47,7 @@ def plot_perplexity_vs_sparsity(rows: list[dict], path: Path, title: str) -> Non
         if r["method"] == "dense":
             continue
         kind = "unstructured" if r["pattern"] == "unstructured" else "N:M"
-        label = r["method"] + (" +OWL" if r.get("owl") else "") + (" +refine" if r.get("refine") else "")
+        label = _label(r)
         groups.setdefault((label, kind), []).append(r)
     for (label, kind), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["sparsity"])
@@ -61,3 +68,30 @@ def plot_perplexity_vs_sparsity(rows: list[dict], path: Path, title: str) -> Non
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _bars(ax, pruned: list[dict], dense: list[dict], title: str) -> None:
+    patterns = list(dict.fromkeys(r["pattern"] for r in pruned))
+    methods = list(dict.fromkeys(_label(r) for r in pruned))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        for i, p in enumerate(patterns):
+            rs = [r for r in pruned if _label(r) == m and r["pattern"] == p]
+            if rs:
+                ax.bar(i + j * width, rs[0]["perplexity"], width, color=f"C{j}", label=m if i == 0 else None)
+                ax.annotate(f"{rs[0]['perplexity']:.1f}", (i + j * width, rs[0]["perplexity"]), ha="center",
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+    if dense:
+        ax.axhline(dense[0]["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(patterns))],
+                  [f"{p} ({pruned[0]['sparsity']:.0%})" for p in patterns])
+    lo = min(r["perplexity"] for r in pruned + dense)
+    ax.set_ylim(lo * 0.95, max(r["perplexity"] for r in pruned) * 1.03)
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _label(r: dict) -> str:
+    return r["method"] + (" +OWL" if r.get("owl") else "") + (" +refine" if r.get("refine") else "")

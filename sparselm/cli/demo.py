@@ -2,7 +2,7 @@
 
 Trains (first run only, then cached) the built-in small Llama-architecture model on the
 interpreter's own standard library sources, prunes it with magnitude, Wanda and SparseGPT at
-50% unstructured and at 2:4, and writes one table as JSON, Markdown and a PNG plot.
+50% unstructured and at 2:4 (plus SparseGPT with the kept weights refit), and writes one table as JSON, Markdown and a PNG plot.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def run(args) -> int:
     t0 = time.time()
     out = Path(args.out or f"sparselm-reports/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     cells = [Cell(m, p, 0.5) for p in ("unstructured", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+    # sparselm's own recipe beside the three classics: SparseGPT, then the kept weights refit
+    cells += [Cell("sparsegpt", p, 0.5, refine=30) for p in ("unstructured", "2:4")]
     calib_args = argparse.Namespace(calib=None, samples=args.samples, seq_len=None, seed=0)
     rows = run_sweep(args.model, cells, out, calib_args=calib_args, eval_windows=args.windows,
                      device=resolve_device(None), title=f"sparselm demo: built-in {args.model} model")
