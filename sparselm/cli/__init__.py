@@ -13,7 +13,7 @@ import sys
 # Order is the order `sparselm --help` lists them in.
 COMMANDS = [
     "demo", "prune", "eval", "compare", "shrink", "lowrank", "moefy", "attention",
-    "train", "activations", "pack", "bench",
+    "train", "activations", "quantize", "pack", "bench",
 ]
 
 
