@@ -1,0 +1,1 @@
+"""Attention backends: dense-mask reference, blocked PyTorch, FlexAttention; `dispatch` chooses one."""
