@@ -1,0 +1,87 @@
+"""End to end: the built-in "small" model pruned to 70% with SparseGPT, decoded dense vs packed.
+
+Prunes every decoder-block linear of the built-in small Llama (hidden 256, 4 layers) to 70%
+unstructured sparsity with SparseGPT (32 calibration windows), then measures in one process:
+dense execution of the pruned model, `pack(format="auto")` for batch 1, and every layer forced
+to csr and to bitmask. Reports decode tokens/s (target >= 1.5x dense), resident weight memory
+(target <= 0.5x dense; the embeddings and LM head stay dense, so the ratio for the packed
+linears alone is shown too), prefill tokens/s, bandwidth, FLOPs per token, peak RSS, energy
+where measurable, and test perplexity of dense vs packed (packing must not change quality).
+Prints a Markdown table, then one JSON line.
+
+    python benchmarks/bench_generation.py [--model small] [--new-tokens 64] [--repeats 3]
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP: see ALGORITHMS.md
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small", help="built-in name or model folder (default small)")
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from sparselm.bench.generation import compare_generation, generation_table
+    from sparselm.data import calibration, corpus_token_ids, load_corpus
+    from sparselm.evaluate import perplexity
+    from sparselm.io import load
+    from sparselm.pack import pack
+    from sparselm.prune import SparseGPT, sparsify
+
+    model, tok = load(args.model)
+    context = model.config.max_position_embeddings
+    corpus = load_corpus(None)
+    start = time.perf_counter()
+    calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
+    sparsify(model, SparseGPT(sparsity=args.sparsity), calib, progress=False)
+    prune_s = time.perf_counter() - start
+    test_ids = corpus_token_ids(tok, corpus, "test")
+    ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
+    packed = copy.deepcopy(model)
+    pack(packed, "bitmask", progress=False)
+    ppl_packed = perplexity(packed, test_ids, seq_len=min(256, context), max_windows=16)
+    del packed
+
+    summary = compare_generation(model, ["dense", "auto", "csr", "bitmask"], batch_size=1,
+                                 prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                 repeats=args.repeats, progress=False)
+    rows = {r["variant"]: r for r in summary["results"]}
+    dense = rows["dense"]
+    best = max((r for r in summary["results"] if r["variant"] != "dense"), key=lambda r: r["decode_tokens_per_s"])
+    smallest = min(summary["results"], key=lambda r: r["weight_bytes"])
+    speedup = best["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    memory = smallest["weight_bytes"] / dense["weight_bytes"]
+    linear_memory = smallest["linear_weight_bytes"] / dense["linear_weight_bytes"]
+    print(f"model {args.model}: SparseGPT {args.sparsity:.0%} in {prune_s:.1f} s; test perplexity (16 windows) "
+          f"dense-executed {ppl_dense:.3f}, bitmask-packed {ppl_packed:.3f}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print()
+    print(generation_table(summary))
+    print()
+    print(f"decode: best packed variant {best['variant']} {speedup:.2f}x dense (target >= 1.5x: "
+          f"{'met' if speedup >= 1.5 else 'NOT met'})")
+    print(f"resident weight memory: {smallest['variant']} {memory:.2f}x dense for the whole model (target <= 0.5x: "
+          f"{'met' if memory <= 0.5 else 'NOT met'}); {linear_memory:.2f}x for the linear layers "
+          f"(the LM head stays dense)")
+    print(json.dumps({"benchmark": "generation", "model": args.model, "sparsity": args.sparsity,
+                      "perplexity_dense": ppl_dense, "perplexity_packed": ppl_packed,
+                      "decode_speedup_best": speedup, "best_variant": best["variant"],
+                      "weight_memory_ratio": memory, "linear_weight_memory_ratio": linear_memory,
+                      "load_average": os.getloadavg()[0], **summary}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks that measure what sparsity buys: generation speed, memory, bandwidth, energy."""

@@ -1,0 +1,60 @@
+"""`sparselm bench MODEL`: prefill/decode speed, memory, bandwidth, FLOPs, energy; dense vs packed."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure generation speed and memory, dense vs packed variants")
+    p.add_argument("model", help="a local HF model folder, a packed folder, or a built-in name (tiny, small)")
+    p.add_argument("--variants", default="dense,auto,csr,bitmask,nm",
+                   help="comma-separated: dense, auto, csr, bitmask, nm (default: all; nm only if 2:4)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode (default 64)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported, the median too (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    p.set_defaults(func=run)
+
+
+def _restart_with_passive_openmp() -> None:
+    """Re-run this command with OMP_WAIT_POLICY=passive unless it is set.
+
+    OpenMP reads the variable once, at start-up. With busy-waiting threads, any other process
+    on the same cores makes every parallel region wait for a descheduled spinner: timings of
+    dense and sparse kernels alike were 5-10x slower on a shared 2-core machine.
+    """
+    import os
+    import sys
+
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    launched_from_cli = os.path.basename(sys.argv[0]) in ("sparselm", "__main__.py") and "bench" in sys.argv[1:]
+    if not launched_from_cli:  # called as a function (tests, notebooks): cannot restart
+        return
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    os.execv(sys.executable, [sys.executable, "-m", "sparselm", *sys.argv[1:]])
+
+
+def run(args: argparse.Namespace) -> int:
+    _restart_with_passive_openmp()
+    import torch
+
+    from sparselm.bench.generation import compare_generation, generation_table
+    from sparselm.io import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load(args.model)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    summary = compare_generation(model, variants, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                                 new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.json)
+    summary["model"] = str(args.model)
+    if args.json:
+        from sparselm.cli.common import print_json
+
+        print_json(summary)
+    else:
+        print(generation_table(summary))
+    return 0

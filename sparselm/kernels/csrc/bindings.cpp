@@ -1,0 +1,33 @@
+// Python bindings of the sparse CPU kernels (built by sparselm/kernels/extension.py).
+#include <torch/python.h>  // pybind11 and the Tensor type casters, without the C++ frontend
+
+#include "kernel_common.h"
+
+namespace sparselm {
+at::Tensor bitmask_linear(at::Tensor x, at::Tensor mask, at::Tensor offsets, at::Tensor values,
+                             c10::optional<at::Tensor> bias, int64_t in_features, int64_t out_features);
+at::Tensor csr_linear(at::Tensor x, at::Tensor crow, at::Tensor col, at::Tensor values,
+                         c10::optional<at::Tensor> bias, int64_t in_features, int64_t out_features);
+at::Tensor nm_linear(at::Tensor x, at::Tensor idx, at::Tensor values,
+                        c10::optional<at::Tensor> bias, int64_t n, int64_t m, int64_t in_features);
+at::Tensor act_sparse_gemv(at::Tensor x, at::Tensor w_t);
+at::Tensor bitmask_to_dense(at::Tensor mask, at::Tensor offsets, at::Tensor values, int64_t in_features,
+                            int64_t out_features);
+at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int64_t in_features,
+                        int64_t out_features);
+at::Tensor nm_to_dense(at::Tensor idx, at::Tensor values, int64_t n, int64_t m, int64_t in_features);
+at::Tensor dense_gemv(at::Tensor x, at::Tensor w);
+bool compiled_with_avx512() { return SPARSELM_AVX512 != 0; }
+}  // namespace sparselm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bitmask_linear", &sparselm::bitmask_linear, "x[B,K] @ W.T + b for a bitmask-packed W");
+  m.def("csr_linear", &sparselm::csr_linear, "x[B,K] @ W.T + b for a CSR W with int32 columns");
+  m.def("nm_linear", &sparselm::nm_linear, "x[B,K] @ W.T + b for an N:M-compressed W");
+  m.def("bitmask_to_dense", &sparselm::bitmask_to_dense, "decode a bitmask-packed weight to dense [N, K]");
+  m.def("csr_to_dense", &sparselm::csr_to_dense, "decode a CSR weight to dense [N, K]");
+  m.def("nm_to_dense", &sparselm::nm_to_dense, "decode an N:M-compressed weight to dense [N, K]");
+  m.def("act_sparse_gemv", &sparselm::act_sparse_gemv, "x[K] @ w_t[K,N], reading only rows with x != 0");
+  m.def("dense_gemv", &sparselm::dense_gemv, "x[1,K] @ W.T, dense, same threads as the sparse kernels");
+  m.def("compiled_with_avx512", &sparselm::compiled_with_avx512, "whether the AVX-512 paths were compiled");
+}

@@ -1,0 +1,113 @@
+// Shared pieces of the sparse CPU kernels (CSR, bitmask + packed values, N:M compressed,
+// activation-sparse GEMV): SIMD loads that widen bf16 to fp32, prefetching, the thread-count
+// policy, and the dtype handling every entry point applies.
+//
+// Every kernel computes on an fp32 copy of x [B, K] (bf16 inputs are widened once), adds the
+// bias in fp32 and rounds once to x's dtype, like PyTorch's dense CPU linear. Weight values
+// stay in their own dtype and are widened to fp32 on load, so bf16 weights read half the bytes.
+//
+// Decode (B = 1) is memory bound: every kernel streams the packed weights once, shares each
+// load of x between two output rows where the format allows it, and prefetches the value
+// stream well ahead because its position depends on popcounts the hardware prefetcher cannot
+// predict. Threads split the output rows into contiguous ranges (OpenMP, same runtime and
+// thread count as PyTorch).
+#pragma once
+
+// ATen only: the C++ frontend and pybind11 (torch/extension.h) are needed by bindings.cpp
+// alone, and keeping them out of the kernel files cuts the first-use build time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SPARSELM_AVX512 1
+#else
+#define SPARSELM_AVX512 0
+#endif
+
+namespace sparselm {
+
+constexpr int64_t kPrefetchBytes = 16384;  // 16 KB ahead: measured sweet spot of 16-32 KB
+
+template <typename P>
+inline void prefetch_ahead(const P* p, int64_t bytes = 0) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + bytes, 0, 3);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Waking a second thread costs several microseconds (far more when other processes share
+// the cores), so layers with less work than this many multiply-adds run on one thread.
+constexpr int64_t kMinParallelWork = 1 << 18;
+
+inline int num_threads_for(int64_t work) {
+  if (work < kMinParallelWork) return 1;
+  return at::get_num_threads();
+}
+
+#if SPARSELM_AVX512
+// Load `count` (<= 16) consecutive values and widen them to fp32 in the low lanes.
+inline __m512 load_values(const float* p, int count) {
+  return _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1u), p);
+}
+inline __m512 load_values(const at::BFloat16* p, int count) {
+  __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1u), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// 8 values widened to fp32 (for gathers, which are 8 wide).
+inline __m256 load8(const float* p, __mmask8 k) { return _mm256_maskz_loadu_ps(k, p); }
+inline __m256 load8(const at::BFloat16* p, __mmask8 k) {
+  __m128i raw = _mm_maskz_loadu_epi16(k, p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+// Expand the popcount(mask) packed values at p into the lanes set in mask.
+template <typename T>
+inline __m512 expand_values(const T* p, uint16_t mask) {
+  return _mm512_maskz_expand_ps((__mmask16)mask, load_values(p, __builtin_popcount(mask)));
+}
+template <>
+inline __m512 expand_values<float>(const float* p, uint16_t mask) {
+  return _mm512_maskz_expandloadu_ps((__mmask16)mask, p);
+}
+inline __m512 load_x16(const float* p, int64_t col, int64_t K) {
+  int64_t left = K - col;
+  if (left >= 16) return _mm512_loadu_ps(p + col);
+  return _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), p + col);
+}
+#endif
+
+// Inputs may be fp32 or bf16 (any strides); they are widened to one contiguous fp32 copy.
+inline at::Tensor as_fp32_matrix(const at::Tensor& x, int64_t K, const char* what) {
+  TORCH_CHECK(x.dim() == 2, what, ": x must be 2-D [batch, in_features], got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) == K, what, ": x has ", x.size(1), " features, the layer expects ", K);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              what, ": x must be fp32 or bf16");
+  return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+}
+
+// Adds the bias in fp32 and rounds once to the input's dtype, as dense F.linear does.
+inline at::Tensor finish(at::Tensor y, const c10::optional<at::Tensor>& bias, at::ScalarType out) {
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  return out == at::kFloat ? y : y.to(out);
+}
+
+#define SPARSELM_DISPATCH_VALUES(values, NAME, ...)                               \
+  [&] {                                                                          \
+    if ((values).scalar_type() == at::kFloat) {                             \
+      using scalar_t = float;                                                    \
+      return __VA_ARGS__();                                                      \
+    }                                                                            \
+    TORCH_CHECK((values).scalar_type() == at::kBFloat16, NAME,                \
+                ": values must be fp32 or bf16");                                \
+    using scalar_t = at::BFloat16;                                               \
+    return __VA_ARGS__();                                                        \
+  }()
+
+}  // namespace sparselm

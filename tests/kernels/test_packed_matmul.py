@@ -1,0 +1,151 @@
+"""Every packed format equals the dense masked weight's output (fp32 and bf16, odd shapes,
+empty rows, all-zero layers, decode and prefill batch sizes), with and without the extension."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparselm.kernels import ops, reference
+from sparselm.pack import formats
+
+SHAPES = [(1, 1), (7, 13), (33, 50), (130, 77), (5, 200), (64, 1024)]  # (out_features, in_features)
+BATCHES = [1, 3, 8, 16, 17, 40, 128]
+
+
+def masked_weight(out_f, in_f, sparsity, dtype, seed=0, nm=None):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(out_f, in_f, generator=g) * 2 - 1) / in_f ** 0.5
+    if nm is None:
+        w[torch.rand(out_f, in_f, generator=g) < sparsity] = 0
+        if out_f > 2:
+            w[out_f // 2] = 0  # an empty row
+    else:
+        n, m = nm
+        groups = (in_f + m - 1) // m
+        padded = torch.zeros(out_f, groups * m)
+        padded[:, :in_f] = w
+        scores = torch.rand(out_f, groups, m, generator=g)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(n, dim=-1).indices, True)
+        w = (padded.reshape(out_f, groups, m) * keep).reshape(out_f, -1)[:, :in_f].contiguous()
+    return w.to(dtype)
+
+
+def run_format(fmt, x, w, bias, nm=(2, 4)):
+    out_f, in_f = w.shape
+    if fmt == "csr":
+        t = formats.pack_csr(w)
+        return ops.csr_matmul(x, t["crow_indices"], t["col_indices"], t["values"], in_f, out_f, bias)
+    if fmt == "bitmask":
+        t = formats.pack_bitmask(w)
+        return ops.bitmask_matmul(x, t["mask"], t["row_offsets"], t["values"], in_f, out_f, bias)
+    t = formats.pack_nm(w, *nm)
+    return ops.nm_matmul(x, t["indices"], t["values"], nm[0], nm[1], in_f, bias)
+
+
+@pytest.fixture(params=["extension", "fallback"])
+def kernel_path(request, monkeypatch, sparse_kernels):
+    if request.param == "extension":
+        if sparse_kernels is None:
+            pytest.skip("C++ extension unavailable on this machine")
+    else:
+        monkeypatch.setattr(ops, "load_extension", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["csr", "bitmask", "nm"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_equals_dense_masked(kernel_path, fmt, shape, dtype):
+    out_f, in_f = shape
+    w = masked_weight(out_f, in_f, 0.7, dtype, nm=(2, 4) if fmt == "nm" else None)
+    bias = (torch.rand(out_f) - 0.5).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    for batch in BATCHES:
+        x = torch.randn(batch, in_f, generator=g).to(dtype)
+        expected = F.linear(x, w, bias)
+        got = run_format(fmt, x, w, bias)
+        assert got.dtype == dtype and got.shape == (batch, out_f)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(run_format(fmt, x, w, None), F.linear(x, w))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bitmask", "nm"])
+def test_all_zero_layer_and_empty_batch(kernel_path, fmt):
+    w = torch.zeros(19, 40)
+    bias = torch.arange(19, dtype=torch.float32)
+    for batch in (0, 1, 5):
+        x = torch.randn(batch, 40)
+        got = run_format(fmt, x, w, bias)
+        assert torch.equal(got, bias.expand(batch, 19))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_large_layer_multithreaded(kernel_path, sparsity):
+    """A layer big enough for the kernels to use every thread (fp32 summation-order tolerance)."""
+    w = masked_weight(512, 1000, sparsity, torch.float32)
+    x = torch.randn(4, 1000)
+    for fmt in ("csr", "bitmask"):
+        torch.testing.assert_close(run_format(fmt, x[:1], w, None), F.linear(x[:1], w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run_format(fmt, x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_follow_input():
+    """fp32 input with bf16 weights returns fp32 (the product is computed in fp32)."""
+    w = masked_weight(9, 21, 0.5, torch.bfloat16)
+    x = torch.randn(2, 21)
+    got = run_format("bitmask", x, w, None)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ w.float().t())
+
+
+def test_encoders_are_exact_and_decoders_invert_them():
+    for dtype in (torch.float32, torch.bfloat16):
+        w = masked_weight(33, 50, 0.6, dtype)
+        t = formats.pack_csr(w)
+        assert t["col_indices"].dtype == torch.int32
+        assert torch.equal(reference.dense_from_csr(t["crow_indices"], t["col_indices"], t["values"], 50, 33), w)
+        t = formats.pack_bitmask(w)
+        assert torch.equal(reference.dense_from_bitmask(t["mask"], t["row_offsets"], t["values"], 50, 33), w)
+        w24 = masked_weight(33, 50, 0.0, dtype, nm=(2, 4))
+        t = formats.pack_nm(w24, 2, 4)
+        assert t["values"].shape == (33, 26)  # ceil(50 / 4) groups x 2 slots
+        assert torch.equal(reference.dense_from_nm(t["indices"], t["values"], 2, 4, 50), w24)
+
+
+def test_bitmask_layout_by_hand():
+    # Row 0 keeps columns 0, 3 and 9; row 1 is empty. Bytes: 0b00001001 = 9, 0b00000010 = 2.
+    w = torch.zeros(2, 10)
+    w[0, 0], w[0, 3], w[0, 9] = 1.5, -2.0, 4.0
+    t = formats.pack_bitmask(w)
+    assert t["mask"].tolist() == [[9, 2, 0, 0, 0, 0, 0, 0], [0] * 8]  # rows padded to 64 bits
+    assert t["row_offsets"].tolist() == [0, 3, 3]
+    assert t["values"].tolist() == [1.5, -2.0, 4.0]
+
+
+def test_nm_layout_by_hand():
+    # One row, 2:4: group 0 keeps columns 1 and 3, group 1 keeps only column 6 (padded slot -> index 0).
+    w = torch.tensor([[0.0, 5.0, 0.0, 7.0, 0.0, 0.0, 9.0, 0.0]])
+    t = formats.pack_nm(w, 2, 4)
+    assert t["indices"].tolist() == [[1, 3, 2, 0]]
+    assert t["values"].tolist() == [[5.0, 7.0, 9.0, 0.0]]
+
+
+def test_pack_nm_refuses_non_nm_weight_with_layer_name():
+    from sparselm.errors import SparselmError
+
+    w = torch.ones(4, 8)
+    with pytest.raises(SparselmError, match="model.layers.0.mlp.up_proj.*not 2:4"):
+        formats.pack_nm(w, 2, 4, name="model.layers.0.mlp.up_proj")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_decoders_equal_reference(sparse_kernels, dtype):
+    if sparse_kernels is None:
+        pytest.skip("C++ extension unavailable on this machine")
+    w = masked_weight(37, 130, 0.7, dtype)
+    t = formats.pack_bitmask(w)
+    assert torch.equal(sparse_kernels.bitmask_to_dense(t["mask"], t["row_offsets"], t["values"], 130, 37), w)
+    t = formats.pack_csr(w)
+    assert torch.equal(sparse_kernels.csr_to_dense(t["crow_indices"], t["col_indices"], t["values"], 130, 37), w)
+    w24 = masked_weight(37, 130, 0.0, dtype, nm=(2, 4))
+    t = formats.pack_nm(w24, 2, 4)
+    assert torch.equal(sparse_kernels.nm_to_dense(t["indices"], t["values"], 2, 4, 130), w24)

@@ -1,0 +1,84 @@
+"""Packed checkpoints: bit-exact round trips, refusal of missing or mismatched tensors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparselm.errors import SparselmError
+from sparselm.pack import load_packed, pack, save_packed, size_report
+
+from .helpers import pruned_llama
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_bit_exact(tmp_path, tie):
+    model = pruned_llama(0.7, tie=tie)
+    ids = torch.randint(0, 512, (1, 11))
+    dense_logits = logits(model, ids)
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_packed(model, None, tmp_path / "dense-in")
+    assert all(torch.equal(weights_before[k], v) for k, v in model.state_dict().items())  # input untouched
+    unpacked, _ = load_packed(tmp_path / "dense-in", unpack=True)
+    assert torch.equal(logits(unpacked, ids), dense_logits)
+    # A model already packed comes back with the same modules and bit-identical outputs.
+    pack(model, "bitmask", progress=False)
+    packed_logits = logits(model, ids)
+    save_packed(model, None, tmp_path / "packed-in")
+    again, _ = load_packed(tmp_path / "packed-in")
+    assert type(again.model.layers[0].mlp.up_proj).__name__ == "SparseLinear"
+    assert torch.equal(logits(again, ids), packed_logits)
+
+
+def test_size_report_and_header(tmp_path):
+    model = pruned_llama(0.7)
+    save_packed(model, None, tmp_path / "out")
+    size = size_report(tmp_path / "out")
+    linear_params = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 172)
+    assert size["parameters"] == sum(p.numel() for p in model.parameters())
+    assert size["file_bytes"] == (tmp_path / "out" / "model.safetensors").stat().st_size
+    # 70% of the block weights gone: saves at least half their fp32 bytes.
+    assert size["dense_bytes"] - size["file_bytes"] > 0.5 * 4 * linear_params
+    header = json.loads((tmp_path / "out" / "sparselm_packed.json").read_text())
+    spec = header["layers"]["model.layers.0.mlp.up_proj"]
+    assert spec["format"] in ("csr", "bitmask") and spec["in_features"] == 64 and spec["out_features"] == 172
+    assert spec["dtype"] == "float32"
+
+
+def rewrite_weights(folder, change):
+    path = folder / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_missing_and_mismatched_tensors_are_refused_by_name(tmp_path):
+    model = pruned_llama(0.7)
+    save_packed(model, None, tmp_path / "a")
+    rewrite_weights(tmp_path / "a", lambda t: t.pop("model.layers.1.mlp.down_proj.values"))
+    with pytest.raises(SparselmError, match="model.layers.1.mlp.down_proj.values.*missing"):
+        load_packed(tmp_path / "a")
+    save_packed(model, None, tmp_path / "b")
+    rewrite_weights(tmp_path / "b", lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(SparselmError, match="model.norm.weight.*shape"):
+        load_packed(tmp_path / "b")
+    save_packed(model, None, tmp_path / "c")
+    rewrite_weights(tmp_path / "c", lambda t: t.pop("model.embed_tokens.weight"))
+    with pytest.raises(SparselmError, match="model.embed_tokens.weight.*missing"):
+        load_packed(tmp_path / "c")
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SparselmError, match="already exists"):
+        save_packed(pruned_llama(0.5), None, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,50 @@
+"""`sparselm pack` writes a packed checkpoint without touching its input; `sparselm bench --json`."""
+import hashlib
+import json
+
+import torch
+
+from sparselm.cli import main
+
+
+def folder_digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_pack_then_bench(tmp_path, tiny, capsys):
+    from sparselm.io import load, save
+
+    model, tok = tiny
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.data
+                w[w.abs() < w.abs().median()] = 0  # 50% magnitude pruning
+    save(model, tok, tmp_path / "pruned")
+    before = folder_digest(tmp_path / "pruned")
+    code = main(["pack", str(tmp_path / "pruned"), "--format", "bitmask", "--out", str(tmp_path / "packed")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "bytes/parameter" in printed and "| model.layers.0.mlp.up_proj |" in printed
+    assert folder_digest(tmp_path / "pruned") == before
+    packed, _ = load(tmp_path / "packed")
+    assert type(packed.model.layers[1].self_attn.o_proj).__name__ == "SparseLinear"
+    ids = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+    code = main(["bench", str(tmp_path / "packed"), "--variants", "dense,bitmask", "--prompt-len", "8",
+                 "--new-tokens", "4", "--repeats", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    variants = {r["variant"]: r for r in result["results"]}
+    assert set(variants) == {"dense", "bitmask"}
+    assert variants["bitmask"]["weight_bytes"] < variants["dense"]["weight_bytes"]
+    assert variants["dense"]["decode_tokens_per_s"] > 0 and variants["bitmask"]["flops_per_token"] > 0
+    assert "energy" in result
+
+
+def test_pack_refuses_existing_output(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert main(["pack", "tiny", "--out", str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""The generation benchmark's accounting: bytes, FLOPs, densify, energy availability."""
+import pytest
+import torch
+
+from sparselm.bench.energy import EnergyMeter
+from sparselm.bench.generation import densify, linear_stats, measure_generation, resident_weight_bytes
+from sparselm.errors import SparselmError
+from sparselm.pack import SparseLinear, pack
+
+from .helpers import pruned_llama
+
+
+def test_bytes_and_macs_follow_the_packed_layers():
+    model = pruned_llama(0.7, tie=True)
+    dense_bytes = resident_weight_bytes(model)
+    # Tied embedding and LM head are counted once.
+    expected = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert dense_bytes == expected
+    _, dense_macs = linear_stats(model)
+    block_weights = {n: m.weight for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+    nnz = sum(int((w != 0).sum()) for w in block_weights.values())
+    pack(model, "csr", progress=False)
+    _, packed_macs = linear_stats(model)
+    assert dense_macs - packed_macs == sum(w.numel() for w in block_weights.values()) - nnz
+    assert resident_weight_bytes(model) < dense_bytes
+
+
+def test_densify_restores_identical_weights():
+    model = pruned_llama(0.6)
+    weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    pack(model, "bitmask", progress=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
+    densify(model)
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, weight)
+
+
+def test_measure_generation_reports_consistent_numbers():
+    model = pruned_llama(0.5)
+    result = measure_generation(model, prompt_len=6, new_tokens=3, repeats=1)
+    assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0
+    assert result.decode_ms_per_token == pytest.approx(1e3 / result.decode_tokens_per_s)
+    assert result.decode_bandwidth_gb_s == pytest.approx(result.weight_bytes * result.decode_tokens_per_s / 1e9)
+    with pytest.raises(SparselmError, match="exceed the model's context"):
+        measure_generation(model, prompt_len=model.config.max_position_embeddings, new_tokens=1)
+
+
+def test_energy_meter_says_why_not():
+    meter = EnergyMeter("cpu")
+    if meter.available:
+        meter.start()
+        assert meter.stop() >= 0
+    else:
+        assert meter.stop() is None and "powercap" in meter.reason or "RAPL" in meter.reason
