@@ -1,0 +1,113 @@
+"""MoE dispatch speed: forward + backward of one MoE layer on CPU, fp32 and bf16.
+
+Shapes from the issue: 4096 tokens, d=512, 8 experts top-2, expert hidden 1408.
+Compared in the same run against
+- the naive reference (every expert on every token, masked by the gates): the floor,
+- one dense SwiGLU MLP with the same active parameters (hidden 2 x 1408 = 2816): the
+  practical ceiling,
+- the Mixtral sparse MoE block of `transformers` (random init from `MixtralConfig`, its
+  default experts implementation), same shapes.
+Methods are timed in interleaved rounds (median), so a busy machine slows all alike.
+Prints a Markdown table, then one JSON line.
+
+    python benchmarks/bench_moe_dispatch.py [--tokens 4096] [--rounds 5] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from sparselm.moe.experts import SharedSwiGLU, grouped_mm_available
+from sparselm.moe.layer import MoEConfig, MoELayer
+
+
+def build_candidates(dim: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype) -> dict:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    candidates = {}
+    for method in ("naive", "sorted", "grouped_mm"):
+        if method == "grouped_mm" and not grouped_mm_available("cpu", dtype):
+            continue
+        cfg = MoEConfig(hidden_size=dim, expert_hidden=hidden, num_experts=experts, top_k=top_k, dispatch=method)
+        candidates[f"moe_{method}"] = MoELayer(cfg).to(dtype)
+    # Same weights for all three of ours, so they route identically.
+    state = candidates["moe_sorted"].state_dict()
+    for layer in candidates.values():
+        layer.load_state_dict(state)
+    candidates["dense_swiglu"] = SharedSwiGLU(dim, top_k * hidden).to(dtype)
+    mixtral_cfg = MixtralConfig(hidden_size=dim, intermediate_size=hidden, num_local_experts=experts,
+                                num_experts_per_tok=top_k, router_jitter_noise=0.0)
+    mixtral = MixtralSparseMoeBlock(mixtral_cfg).to(dtype)
+    with torch.no_grad():  # parameters start uninitialised (torch.empty): give them our weights
+        mixtral.gate.weight.copy_(candidates["moe_sorted"].router.weight)
+        mixtral.experts.gate_up_proj.copy_(candidates["moe_sorted"].experts.gate_up_E2FD)
+        mixtral.experts.down_proj.copy_(candidates["moe_sorted"].experts.down_EDF)
+    candidates["mixtral_hf"] = mixtral
+    return candidates
+
+
+def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    start = time.perf_counter()
+    out = module(x)
+    out.backward(grad)
+    return time.perf_counter() - start
+
+
+def bench_dtype(args, dtype: torch.dtype) -> dict[str, float]:
+    candidates = build_candidates(args.dim, args.hidden, args.experts, args.top_k, dtype)
+    torch.manual_seed(1)
+    x = torch.randn(1, args.tokens, args.dim, dtype=dtype)
+    grad = torch.randn_like(x)
+    for module in candidates.values():  # warm-up (allocator, oneDNN primitives)
+        step(module, x, grad)
+    times = {name: [] for name in candidates}
+    for _ in range(args.rounds):
+        for name, module in candidates.items():
+            times[name].append(step(module, x, grad))
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=1408)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    print(f"MoE dispatch, forward+backward, T={args.tokens} D={args.dim} E={args.experts} "
+          f"K={args.top_k} F={args.hidden}, dense F={args.top_k * args.hidden}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__} (dense baseline: torch default CPU GEMM)\n")
+    print("| dtype | method | ms | speedup vs naive | time / dense | time / mixtral_hf |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ms = bench_dtype(args, dtype)
+        results[dtype_name] = {}
+        for name, t in ms.items():
+            row = {"ms": round(t, 2), "speedup_vs_naive": round(ms["moe_naive"] / t, 3),
+                   "time_vs_dense": round(t / ms["dense_swiglu"], 3), "time_vs_mixtral": round(t / ms["mixtral_hf"], 3)}
+            results[dtype_name][name] = row
+            print(f"| {dtype_name} | {name} | {t:.1f} | {row['speedup_vs_naive']:.2f}x | "
+                  f"{row['time_vs_dense']:.2f} | {row['time_vs_mixtral']:.2f} |")
+    summary = {"benchmark": "moe_dispatch", "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
+               "top_k": args.top_k, "hidden": args.hidden, "threads": torch.get_num_threads(), "results": results}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""SwiGLU experts stored as stacked tensors, and the dense shared expert.
+
+Legend for the shape suffixes and comments in the MoE package:
+    T = tokens, D = model dim, E = experts, F = expert hidden dim,
+    K = experts per token (top-k), A = kept (token, expert) assignments,
+    C = capacity (assignments one expert may take).
+
+Each expert is a SwiGLU MLP (Shazeer 2020, "GLU Variants Improve Transformer"):
+    expert_e(x) = W_down[e] (silu(W_gate[e] x) * W_up[e] x)
+The gate and up projections of all experts are one tensor `gate_up_E2FD` of shape
+[E, 2F, D] (gate rows first, then up rows), the down projections `down_EDF` [E, D, F].
+This is the layout of `transformers`' Mixtral experts, so weights move between the two
+without reshaping, and each slice `gate_up_E2FD[e]` is an `nn.Linear` weight.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselm.moe.grouped_swiglu import grouped_swiglu
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU experts with stacked weights.
+
+    `forward_grouped(x_AD, counts)` runs expert e on the e-th contiguous slice of rows
+    (rows sorted by expert); `forward_every_expert(x_TD)` runs every expert on every row
+    (the naive reference). Both are differentiable with respect to inputs and weights.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int,
+                 init_std: float | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.expert_hidden = expert_hidden
+        self.gate_up_E2FD = nn.Parameter(torch.empty(num_experts, 2 * expert_hidden, hidden_size, dtype=dtype))
+        self.down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, expert_hidden, dtype=dtype))
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std: float | None = None) -> None:
+        """Normal init; default std is 1/sqrt(fan_in) like a Linear layer's variance."""
+        with torch.no_grad():
+            self.gate_up_E2FD.normal_(0.0, init_std or 1.0 / math.sqrt(self.hidden_size))
+            self.down_EDF.normal_(0.0, init_std or 1.0 / math.sqrt(self.expert_hidden))
+
+    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert e applied to rows x_ND [N, D] -> [N, D]."""
+        gate_NF, up_NF = F.linear(x_ND, self.gate_up_E2FD[e]).chunk(2, dim=-1)  # [N, F] each
+        return F.linear(F.silu(gate_NF) * up_NF, self.down_EDF[e])  # [N, D]
+
+    def forward_grouped(self, x_AD: torch.Tensor, counts: list[int], use_grouped_mm: bool = False) -> torch.Tensor:
+        """Rows sorted by expert, `counts[e]` rows for expert e -> [A, D] expert outputs.
+
+        Default: per-expert matmuls on contiguous slices with a fused backward
+        (grouped_swiglu.py).
+        With `use_grouped_mm`, one `torch._grouped_mm` call per projection replaces the
+        per-expert loop (same math; available on CPU for fp32/bf16 in recent PyTorch). It
+        needs row strides that are multiples of 16 bytes; other shapes use the loop.
+        """
+        if use_grouped_mm and self.grouped_mm_aligned(x_AD.dtype):
+            return self._forward_grouped_mm(x_AD, counts)
+        return grouped_swiglu(x_AD, self.gate_up_E2FD, self.down_EDF, counts)  # [A, D]
+
+    def grouped_mm_aligned(self, dtype: torch.dtype) -> bool:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return (self.hidden_size * itemsize) % 16 == 0 and (self.expert_hidden * itemsize) % 16 == 0
+
+    def _forward_grouped_mm(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        offsets = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)  # [E] end offsets
+        h_A2F = _contiguous_grad(torch._grouped_mm(x_AD, self.gate_up_E2FD.transpose(-2, -1), offs=offsets))
+        gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+        act_AF = (F.silu(gate_AF) * up_AF).contiguous()
+        return _contiguous_grad(torch._grouped_mm(act_AF, self.down_EDF.transpose(-2, -1), offs=offsets))
+
+    def forward_every_expert(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: [T, D] -> [E, T, D]. Costs E dense MLPs."""
+        h_ET2F = torch.einsum("td,efd->etf", x_TD, self.gate_up_E2FD)  # [E, T, 2F]
+        gate_ETF, up_ETF = h_ET2F.chunk(2, dim=-1)
+        return torch.einsum("etf,edf->etd", F.silu(gate_ETF) * up_ETF, self.down_EDF)  # [E, T, D]
+
+
+class SharedSwiGLU(nn.Module):
+    """The always-active shared expert(s) of DeepSeekMoE: one dense SwiGLU MLP whose hidden
+    size is (number of shared experts) x (expert hidden size)."""
+
+    def __init__(self, hidden_size: int, hidden: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * hidden, bias=False, dtype=dtype)
+        self.down = nn.Linear(hidden, hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, H] each
+        return self.down(F.silu(gate) * up)  # [T, D]
+
+
+class _ContiguousGradFn(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    `torch._grouped_mm`'s backward rejects stride-0 (expanded) gradients, which is what
+    e.g. `.sum()` produces; this keeps it usable under any loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGradFn.apply(x)
+
+
+def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward here for this device/dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(4, 8, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+        offsets = torch.tensor([2, 4], device=device, dtype=torch.int32)
+        _contiguous_grad(torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)).sum().backward()
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False

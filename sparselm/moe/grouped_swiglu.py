@@ -1,0 +1,101 @@
+"""Grouped SwiGLU: E expert MLPs over contiguous row groups, with a hand-written backward.
+
+Rows x_AD [A, D] are sorted by expert; expert e owns the rows counts[0..e-1] .. +counts[e].
+    h_A2F = [x_e W_gate_up[e]^T for each group]      # [A, 2F]
+    act_AF = silu(h_gate) * h_up                      # [A, F], one pass over all experts
+    y_AD = [act_e W_down[e]^T for each group]         # [A, D]
+Why a custom autograd function instead of a Python loop of `F.linear` calls: autograd
+would, per expert, slice the inputs (slice backward allocates a full [A, D] zero tensor),
+index the weights (select backward allocates a full [E, ...] zero tensor) and
+concatenate the outputs and the gate/up halves (a copy each way). Here every matmul
+writes straight into a preallocated buffer with `torch.mm(..., out=...)`, the
+element-wise SwiGLU runs once over all experts, and the backward does the same, so the
+cost is the matmuls plus a few passes over [A, F].
+
+Backward (per group, with g = h_gate, u = h_up, s = sigmoid(g)):
+    d act = dy W_down[e]            dW_down[e] = dy^T act
+    d u   = d act * g * s           d g = d act * u * s * (1 + g (1 - s))
+    dx    = dh W_gate_up[e]         dW_gate_up[e] = dh^T x
+First derivatives only (no double backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _groups(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+class GroupedSwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_AD, gate_up_E2FD, down_EDF, counts):
+        num_rows, dim = x_AD.shape
+        hidden = down_EDF.shape[-1]
+        x_AD = x_AD.contiguous()
+        h_A2F = x_AD.new_empty(num_rows, 2 * hidden)
+        for e, a, b in _groups(counts):
+            torch.mm(x_AD[a:b], gate_up_E2FD[e].t(), out=h_A2F[a:b])  # [n, 2F]
+        act_AF = F.silu(h_A2F[:, :hidden]) * h_A2F[:, hidden:]  # [A, F]
+        y_AD = x_AD.new_empty(num_rows, dim)
+        for e, a, b in _groups(counts):
+            torch.mm(act_AF[a:b], down_EDF[e].t(), out=y_AD[a:b])  # [n, D]
+        ctx.save_for_backward(x_AD, gate_up_E2FD, down_EDF, h_A2F, act_AF)
+        ctx.counts = counts
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, grad_y_AD):
+        x_AD, gate_up_E2FD, down_EDF, h_A2F, act_AF = ctx.saved_tensors
+        counts = ctx.counts
+        hidden = down_EDF.shape[-1]
+        grad_y_AD = grad_y_AD.contiguous()
+        want_x, want_gate_up, want_down = ctx.needs_input_grad[:3]
+
+        grad_act_AF = torch.empty_like(act_AF)
+        grad_down = _zero_unused(down_EDF, counts) if want_down else None
+        for e, a, b in _groups(counts):
+            torch.mm(grad_y_AD[a:b], down_EDF[e], out=grad_act_AF[a:b])  # [n, F]
+            if want_down:
+                torch.mm(grad_y_AD[a:b].t(), act_AF[a:b], out=grad_down[e])  # [D, F]
+
+        gate_AF, up_AF = h_A2F[:, :hidden], h_A2F[:, hidden:]
+        sig_AF = torch.sigmoid(gate_AF)
+        grad_h_A2F = torch.empty_like(h_A2F)
+        torch.mul(grad_act_AF, gate_AF * sig_AF, out=grad_h_A2F[:, hidden:])  # d up = d act * silu(g)
+        grad_act_AF.mul_(up_AF).mul_(sig_AF)
+        torch.mul(grad_act_AF, 1.0 + gate_AF * (1.0 - sig_AF), out=grad_h_A2F[:, :hidden])  # d gate
+        del grad_act_AF, sig_AF
+
+        grad_x = torch.empty_like(x_AD) if want_x else None
+        grad_gate_up = _zero_unused(gate_up_E2FD, counts) if want_gate_up else None
+        for e, a, b in _groups(counts):
+            if want_x:
+                torch.mm(grad_h_A2F[a:b], gate_up_E2FD[e], out=grad_x[a:b])  # [n, D]
+            if want_gate_up:
+                torch.mm(grad_h_A2F[a:b].t(), x_AD[a:b], out=grad_gate_up[e])  # [2F, D]
+        if want_x and sum(counts) < x_AD.shape[0]:
+            grad_x[sum(counts):].zero_()
+        return grad_x, grad_gate_up, grad_down, None
+
+
+def _zero_unused(weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Gradient buffer for stacked weights: experts without rows get exact zeros."""
+    grad = torch.empty_like(weight)
+    for e, n in enumerate(counts):
+        if not n:
+            grad[e].zero_()
+    return grad
+
+
+def grouped_swiglu(x_AD: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor,
+                   counts: list[int]) -> torch.Tensor:
+    """Expert e's SwiGLU on its group of rows; rows sorted by expert -> [A, D]."""
+    if sum(counts) != x_AD.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)} but there are {x_AD.shape[0]} rows")
+    return GroupedSwiGLUFunction.apply(x_AD, gate_up_E2FD, down_EDF, counts)

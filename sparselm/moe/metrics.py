@@ -1,0 +1,80 @@
+"""Per-layer routing metrics: how evenly an MoE layer spreads its tokens.
+
+`RoutingStats` accumulates counts over many forward passes (a calibration run, a training
+epoch); `routing_metrics` turns them into the numbers the reports print.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingStats:
+    """Running totals over forward passes of one layer (float64 on CPU, never trained)."""
+
+    num_experts: int
+    kept_counts: torch.Tensor = field(init=False)  # [E] assignments each expert ran
+    selected_counts: torch.Tensor = field(init=False)  # [E] before capacity dropping
+    tokens: int = 0
+    assignments_chosen: float = 0.0
+    assignments_dropped: float = 0.0
+    entropy_sum: float = 0.0  # sum over tokens of the router distribution's entropy
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        # device given explicitly: models built under a meta-device context still count on CPU
+        self.kept_counts = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")
+        self.selected_counts = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")
+        self.tokens = 0
+        self.assignments_chosen = 0.0
+        self.assignments_dropped = 0.0
+        self.entropy_sum = 0.0
+
+    @torch.no_grad()
+    def update(self, routing, num_tokens: int) -> None:
+        self.kept_counts += routing.kept_counts.detach().double().cpu()
+        self.selected_counts += routing.selected_counts.detach().double().cpu()
+        self.tokens += num_tokens
+        chosen = float(routing.selected_counts.sum())
+        self.assignments_chosen += chosen
+        self.assignments_dropped += routing.dropped_fraction * chosen
+        self.entropy_sum += float(router_entropy(routing.probs).sum())
+
+    def metrics(self) -> dict:
+        return routing_metrics(self.kept_counts, self.assignments_dropped / max(1.0, self.assignments_chosen),
+                               self.entropy_sum / max(1, self.tokens))
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each token's router distribution -> [T]; log(E) is uniform."""
+    p = probs_TE.float()
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(dim=-1)
+
+
+def load_cv(counts_E: torch.Tensor) -> float:
+    """Coefficient of variation of expert load: std / mean (population std); 0 = balanced."""
+    c = counts_E.double()
+    mean = c.mean()
+    return float(c.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def max_violation(counts_E: torch.Tensor) -> float:
+    """MaxVio = max load / mean load - 1 (Wang et al. 2024, aux-loss-free balancing)."""
+    c = counts_E.double()
+    mean = c.mean()
+    return float(c.max() / mean - 1.0) if mean > 0 else 0.0
+
+
+def routing_metrics(kept_counts_E: torch.Tensor, dropped_fraction: float, mean_entropy: float) -> dict:
+    """The per-layer report: tokens per expert, fraction dropped, load CV, MaxVio, entropy."""
+    return {
+        "tokens_per_expert": [int(round(float(c))) for c in kept_counts_E],
+        "dropped_fraction": float(dropped_fraction),
+        "load_cv": load_cv(kept_counts_E),
+        "max_violation": max_violation(kept_counts_E),
+        "router_entropy": float(mean_entropy),
+    }
