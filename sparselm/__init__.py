@@ -22,8 +22,19 @@ _EXPORTS = {
     "evaluate": "sparselm.evaluate", "perplexity": "sparselm.evaluate",
     "SparselmError": "sparselm.errors",
     "load_builtin": "sparselm.zoo",
+    # sparse execution
+    "pack": "sparselm.pack", "SparseLinear": "sparselm.pack", "PackReport": "sparselm.pack",
+    "save_packed": "sparselm.pack", "load_packed": "sparselm.pack", "to_semi_structured": "sparselm.pack",
+    # sparse attention patterns (sl.attention.apply patches a model)
+    "SlidingWindow": "sparselm.attention", "Sinks": "sparselm.attention", "GlobalTokens": "sparselm.attention",
+    "DilatedWindow": "sparselm.attention", "Strided": "sparselm.attention", "Fixed": "sparselm.attention",
+    "RandomBlocks": "sparselm.attention", "BlockSparse": "sparselm.attention", "Causal": "sparselm.attention",
+    # mixture of experts
+    "MoEConfig": "sparselm.moe", "MoELayer": "sparselm.moe", "upcycle": "sparselm.moe",
+    "prune_experts": "sparselm.moe", "save_moe": "sparselm.moe", "load_moe": "sparselm.moe",
 }
-_SUBMODULES = {"data", "prune", "zoo", "adapters", "engine", "evaluate", "io"}
+_SUBMODULES = {"data", "prune", "zoo", "adapters", "engine", "evaluate", "io", "attention", "pack", "kernels", "moe",
+               "bench"}
 
 
 def __getattr__(name: str):
