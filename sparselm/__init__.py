@@ -29,12 +29,15 @@ _EXPORTS = {
     "SlidingWindow": "sparselm.attention", "Sinks": "sparselm.attention", "GlobalTokens": "sparselm.attention",
     "DilatedWindow": "sparselm.attention", "Strided": "sparselm.attention", "Fixed": "sparselm.attention",
     "RandomBlocks": "sparselm.attention", "BlockSparse": "sparselm.attention", "Causal": "sparselm.attention",
+    # sparse + quantized weights
+    "quantize": "sparselm.quant", "RTN": "sparselm.quant", "GPTQ": "sparselm.quant", "SparseGPTQ": "sparselm.quant",
+    "save_quantized": "sparselm.quant", "load_quantized": "sparselm.quant",
     # mixture of experts
     "MoEConfig": "sparselm.moe", "MoELayer": "sparselm.moe", "upcycle": "sparselm.moe",
     "prune_experts": "sparselm.moe", "save_moe": "sparselm.moe", "load_moe": "sparselm.moe",
 }
 _SUBMODULES = {"data", "prune", "zoo", "adapters", "engine", "evaluate", "io", "attention", "pack", "kernels", "moe",
-               "bench"}
+               "bench", "quant"}
 
 
 def __getattr__(name: str):

@@ -79,6 +79,9 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, trust
 
 def _special_loader(path: Path, config: dict):
     """Loaders for formats plain transformers cannot read (packed, low-rank, MoE), or None."""
+    if (path / "sparselm_quant.json").exists():
+        from sparselm.quant import load_quantized
+        return load_quantized
     if (path / "sparselm_packed.json").exists():
         from sparselm.pack.checkpoint import load_packed
         return load_packed
