@@ -32,12 +32,17 @@ _EXPORTS = {
     # sparse + quantized weights
     "quantize": "sparselm.quant", "RTN": "sparselm.quant", "GPTQ": "sparselm.quant", "SparseGPTQ": "sparselm.quant",
     "save_quantized": "sparselm.quant", "load_quantized": "sparselm.quant",
+    # sparse training and activation sparsity
+    "MaskManager": "sparselm.training", "SparseTrainingConfig": "sparselm.training",
+    "calibrate_thresholds": "sparselm.activation", "install_thresholds": "sparselm.activation",
+    "measure_activations": "sparselm.activation", "relufy": "sparselm.activation",
+    "ActivationSparseLinear": "sparselm.activation",
     # mixture of experts
     "MoEConfig": "sparselm.moe", "MoELayer": "sparselm.moe", "upcycle": "sparselm.moe",
     "prune_experts": "sparselm.moe", "save_moe": "sparselm.moe", "load_moe": "sparselm.moe",
 }
 _SUBMODULES = {"data", "prune", "zoo", "adapters", "engine", "evaluate", "io", "attention", "pack", "kernels", "moe",
-               "bench", "quant"}
+               "bench", "quant", "training", "activation"}
 
 
 def __getattr__(name: str):
