@@ -47,33 +47,45 @@ def _prunable(adapter, block, config: PruneConfig) -> dict[str, nn.Module]:
 
 class _StatHooks:
     """Forward hooks feeding one accumulator per distinct input: layers that read the same
-    tensor (q/k/v, gate/up) share an accumulator instead of computing it three times."""
+    tensor (q/k/v, gate/up) share an accumulator instead of computing it three times.
+
+    Sharing is decided on each layer's first call by tensor *identity*, holding references to
+    those first inputs so that no address can be reused meanwhile (comparing data pointers is
+    wrong: the allocator hands a freed norm output's memory to the next norm's output).
+    """
 
     def __init__(self, layers: dict[str, nn.Module], make_acc):
         self.acc: dict[str, object] = {}
         self._owner: dict[str, bool] = {}
-        self._seen: dict[tuple, str] = {}
+        self._first_inputs: list[tuple[torch.Tensor, str]] = []
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
         self._make = make_acc
 
     def _hook(self, name):
         def fn(module, args, output):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
             if name not in self.acc:
-                first = self._seen.get(key)
-                if first is not None and first in self.acc:
+                first = next((n for t, n in self._first_inputs if t is x), None)
+                if first is not None:
                     self.acc[name], self._owner[name] = self.acc[first], False
                 else:
                     self.acc[name], self._owner[name] = self._make(x.shape[-1], x.device), True
-                    self._seen[key] = name
+                    self._first_inputs.append((x, name))
             if self._owner[name]:
                 self.acc[name].add(x.detach())
         return fn
 
+    def groups(self) -> list[list[str]]:
+        """Layer names grouped by shared input (for inspection and tests)."""
+        out: dict[int, list[str]] = {}
+        for name, acc in self.acc.items():
+            out.setdefault(id(acc), []).append(name)
+        return list(out.values())
+
     def remove(self):
         for h in self._handles:
             h.remove()
+        self._first_inputs.clear()
 
 
 def _measure(adapter, model, config) -> tuple[dict[str, float], float]:
