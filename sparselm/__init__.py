@@ -37,12 +37,16 @@ _EXPORTS = {
     "calibrate_thresholds": "sparselm.activation", "install_thresholds": "sparselm.activation",
     "measure_activations": "sparselm.activation", "relufy": "sparselm.activation",
     "ActivationSparseLinear": "sparselm.activation",
+    # structured pruning and low rank (sl.lowrank is the function; its package is sparselm.lowrank)
+    "shrink": "sparselm.structured", "ShrinkReport": "sparselm.structured", "load_structured": "sparselm.structured",
+    "lowrank": "sparselm.lowrank", "LowRankReport": "sparselm.lowrank", "LowRankLinear": "sparselm.lowrank",
+    "save_lowrank": "sparselm.lowrank", "load_lowrank": "sparselm.lowrank",
     # mixture of experts
     "MoEConfig": "sparselm.moe", "MoELayer": "sparselm.moe", "upcycle": "sparselm.moe",
     "prune_experts": "sparselm.moe", "save_moe": "sparselm.moe", "load_moe": "sparselm.moe",
 }
 _SUBMODULES = {"data", "prune", "zoo", "adapters", "engine", "evaluate", "io", "attention", "pack", "kernels", "moe",
-               "bench", "quant", "training", "activation"}
+               "bench", "quant", "training", "activation", "structured"}
 
 
 def __getattr__(name: str):

@@ -85,6 +85,9 @@ def _special_loader(path: Path, config: dict):
     if (path / "sparselm_packed.json").exists():
         from sparselm.pack.checkpoint import load_packed
         return load_packed
+    if "sparselm_intermediate_sizes" in config:  # per-layer MLP widths after structured pruning
+        from sparselm.structured import load_structured
+        return load_structured
     if "sparselm_lowrank" in config:
         from sparselm.lowrank.io import load_lowrank
         return load_lowrank
