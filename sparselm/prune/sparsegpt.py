@@ -73,38 +73,53 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     keep[:, dead] = False
 
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # [R, b]
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]  # [b, b]
-        d = U1.diagonal()  # [b]
-        prune1 = ~keep[:, i1:i2]  # [R, b]; True = removed
-        if not pattern.is_nm:
-            scores = W1.pow(2) / d.pow(2).unsqueeze(0)  # [R, b]
-            k = int(sparsity * scores.numel())
-            if k:
-                flat = prune1.flatten()
-                flat[torch.topk(scores.flatten(), k, largest=False).indices] = True
-                prune1 = flat.view_as(scores)
-        for i in range(count):
-            w = W1[:, i]  # [R]
-            if pattern.is_nm and i % pattern.m == 0:
-                g = slice(i, i + pattern.m)
-                scores = W1[:, g].pow(2) / d[g].pow(2).unsqueeze(0)  # [R, M]
-                idx = torch.topk(scores, pattern.m - pattern.n, dim=1, largest=False).indices
-                prune1[:, g] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
-            q = w.clone()
-            q[prune1[:, i]] = 0
-            if quantizer is not None:
-                q = torch.where(prune1[:, i], q, quantizer(q, i1 + i, W1[:, i:]))
-            Q1[:, i] = q
-            err = (w - q) / d[i]  # [R]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)  # OBS update of the rest of the block
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = ~prune1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
+    threads = torch.get_num_threads()
+    try:
+        for i1 in range(0, cols, blocksize):
+            _prune_block(W, U, keep, i1, min(i1 + blocksize, cols), sparsity, pattern, quantizer, threads)
+    finally:
+        torch.set_num_threads(threads)
     return W.to(weight.dtype), keep
+
+
+def _prune_block(W, U, keep, i1, i2, sparsity, pattern, quantizer, threads) -> None:
+    """Columns i1..i2 of W in place: choose the mask, prune column by column with OBS updates
+    inside the block, then apply the block's accumulated error to all later columns at once.
+
+    The column loop runs many small ops: it runs on one thread, since thread barriers cost
+    more than they save at these sizes (and stall badly when another process shares the
+    cores); the block-level matrix product afterwards uses all threads again.
+    """
+    count = i2 - i1
+    W1 = W[:, i1:i2].clone()  # [R, b]
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    U1 = U[i1:i2, i1:i2]  # [b, b]
+    d = U1.diagonal()  # [b]
+    prune1 = ~keep[:, i1:i2]  # [R, b]; True = removed
+    if not pattern.is_nm:
+        scores = W1.pow(2) / d.pow(2).unsqueeze(0)  # [R, b]
+        k = int(sparsity * scores.numel())
+        if k:
+            flat = prune1.flatten()
+            flat[torch.topk(scores.flatten(), k, largest=False).indices] = True
+            prune1 = flat.view_as(scores)
+    torch.set_num_threads(1)
+    for i in range(count):
+        w = W1[:, i]  # [R]
+        if pattern.is_nm and i % pattern.m == 0:
+            g = slice(i, i + pattern.m)
+            scores = W1[:, g].pow(2) / d[g].pow(2).unsqueeze(0)  # [R, M]
+            idx = torch.topk(scores, pattern.m - pattern.n, dim=1, largest=False).indices
+            prune1[:, g] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+        q = w.masked_fill(prune1[:, i], 0.0)
+        if quantizer is not None:
+            q = torch.where(prune1[:, i], q, quantizer(q, i1 + i, W1[:, i:]))
+        Q1[:, i] = q
+        err = (w - q) / d[i]  # [R]
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
+        Err1[:, i] = err
+    torch.set_num_threads(threads)
+    W[:, i1:i2] = Q1
+    keep[:, i1:i2] = ~prune1
+    W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
