@@ -97,18 +97,25 @@ def _special_loader(path: Path, config: dict):
     return None
 
 
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, protect: tuple = ()):
-    """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed.
-
-    `protect` lists input paths that must never be replaced (the input model).
-    """
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, protect: tuple = ()) -> Path:
+    """Refuse an output folder that exists (unless `overwrite`) or is one of the inputs in
+    `protect`; creates nothing, so commands can check before hours of work."""
     out = Path(out_dir).expanduser().resolve()
     for p in protect:
         if p is not None and Path(p).expanduser().exists() and Path(p).expanduser().resolve() == out:
             raise SparselmError(f"output folder {out} is the input model; write to another folder")
     if out.exists() and not overwrite:
         raise SparselmError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, protect: tuple = ()):
+    """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed.
+
+    `protect` lists input paths that must never be replaced (the input model).
+    """
+    out = check_output_dir(out_dir, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

@@ -24,13 +24,12 @@ def run(args) -> int:
 
     from sparselm.cli.common import calibration_for
     from sparselm.data import corpus_token_ids, load_corpus
-    from sparselm.io import atomic_output_dir, load
+    from sparselm.io import check_output_dir, load
     from sparselm.lowrank import lowrank, save_lowrank
     from sparselm.structured.before_after import before_after_table, compare_before_after
 
     model, tokenizer = load(args.model)
-    with atomic_output_dir(args.out, overwrite=args.overwrite, protect=(args.model,)):
-        pass  # fail on an existing or input folder before the work, not after
+    check_output_dir(args.out, overwrite=args.overwrite, protect=(args.model,))  # before the work, not after
     calib, calib_record = calibration_for(model, tokenizer, args)
     dense = copy.deepcopy(model)
     report = lowrank(model, calib, keep=args.keep, method=args.method, allocation=args.allocation)

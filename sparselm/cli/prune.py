@@ -29,7 +29,7 @@ def run(args) -> int:
 
     from sparselm.cli.common import calibration_for, resolve_device
     from sparselm.errors import SparselmError
-    from sparselm.io import load, save
+    from sparselm.io import check_output_dir, load, save
     from sparselm.prune import make_config, sparsify
 
     kwargs = dict(sparsity=args.sparsity, pattern=args.pattern, owl=args.owl)
@@ -39,8 +39,7 @@ def run(args) -> int:
         raise SparselmError("--refine needs calibration statistics; use it with wanda or sparsegpt")
     config = make_config(args.method, **kwargs)  # validate before loading anything
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SparselmError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    check_output_dir(out, overwrite=args.overwrite, protect=(args.model,))  # before the work, not after
     device = resolve_device(args.device)
     model, tok = load(args.model)
     calib, record = (None, {})

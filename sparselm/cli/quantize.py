@@ -29,15 +29,14 @@ def run(args) -> int:
     from sparselm.cli.common import calibration_for, resolve_device
     from sparselm.data import corpus_token_ids, load_corpus
     from sparselm.evaluate import model_context, perplexity
-    from sparselm.io import atomic_output_dir, load
+    from sparselm.io import check_output_dir, load
     from sparselm.quant import bytes_per_parameter, make_quant_config, quantize, save_quantized
 
     extra = {"sparsity": args.sparsity, "pattern": args.pattern} if args.method == "sparsegptq" else {}
     config = make_quant_config(args.method, bits=args.bits, group_size=args.group_size,
                                symmetric=not args.asymmetric, **extra)
     model, tokenizer = load(args.model)
-    with atomic_output_dir(args.out, overwrite=args.overwrite, protect=(args.model,)):
-        pass  # fail on an existing or input folder before the work, not after
+    check_output_dir(args.out, overwrite=args.overwrite, protect=(args.model,))  # before the work, not after
     calib, record = calibration_for(model, tokenizer, args) if config.needs_calibration else (None, {})
     dense = copy.deepcopy(model) if args.eval_windows else None
     report = quantize(model, config, calib, device=resolve_device(args.device))

@@ -30,13 +30,12 @@ def run(args) -> int:
 
     from sparselm.cli.common import calibration_for
     from sparselm.data import corpus_token_ids, load_corpus
-    from sparselm.io import atomic_output_dir, load, save
+    from sparselm.io import check_output_dir, load, save
     from sparselm.structured import shrink
     from sparselm.structured.before_after import before_after_table, compare_before_after
 
     model, tokenizer = load(args.model)
-    with atomic_output_dir(args.out, overwrite=args.overwrite, protect=(args.model,)):
-        pass  # fail on an existing or input folder before hours of work, not after
+    check_output_dir(args.out, overwrite=args.overwrite, protect=(args.model,))  # before the work, not after
     calib, calib_record = calibration_for(model, tokenizer, args)
     dense = copy.deepcopy(model)
     report = shrink(model, calib, neurons=args.neurons, heads=args.heads, layers=args.layers, score=args.score,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparselm.errors import SparselmError
-from sparselm.io import load, save
+from sparselm.io import check_output_dir, load, save
 from sparselm.prune import Wanda, sparsify
 from tests.conftest import random_llama
 
@@ -72,3 +72,10 @@ def test_unsupported_architecture(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "not-a-real-family"}))
     with pytest.raises(SparselmError, match="unsupported architecture"):
         load(d)
+
+
+def test_output_check_creates_nothing(tmp_path):
+    """Commands check --out before their work; a crash afterwards must not leave an empty folder
+    that blocks the rerun."""
+    out = check_output_dir(tmp_path / "a" / "b")
+    assert out == (tmp_path / "a" / "b").resolve() and not (tmp_path / "a").exists()
