@@ -31,15 +31,12 @@ def train_lm(model, train_ids: torch.Tensor, *, steps: int, batch_size: int, seq
     Batches depend only on `seed`, so two models trained with the same seed see the same
     tokens in the same order.
     """
-    from sparselm.zoo.train import cosine_lr, random_windows
+    from sparselm.zoo.train import adamw_with_decay_groups, cosine_lr, random_windows
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     warmup = max(1, steps // 20) if warmup is None else warmup
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = adamw_with_decay_groups(model, lr, weight_decay)
     model.train()
     losses, aux_losses = [], []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)

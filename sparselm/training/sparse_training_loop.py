@@ -11,13 +11,14 @@ tokens per step as a 1-process run with the same `batch_size`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from sparselm.zoo.train import adamw_with_decay_groups, cosine_lr, random_windows
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -35,20 +36,6 @@ class TrainingResult:
     eval_log: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
     report: dict | None = None                                   # the mask manager's final report
     masks: dict | None = None                                    # final masks (name -> bool tensor)
-
-
-def warmup_cosine_lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_ratio * lr`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def sample_windows(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """[batch_size, seq_len + 1] windows of a 1-D token stream at seeded random offsets."""
-    starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
-    return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -101,10 +88,7 @@ def train_sparse(model, train_ids: torch.Tensor, val_ids: torch.Tensor, config: 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # same on every rank: all draw the same global batch
     warmup = max(1, steps // 20) if warmup is None else warmup
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    optimizer = adamw_with_decay_groups(model, lr, weight_decay)
     trained = model
     if distributed.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
@@ -145,8 +129,8 @@ def train_sparse(model, train_ids: torch.Tensor, val_ids: torch.Tensor, config: 
                initial=start, total=steps)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
-        batch = sample_windows(train_ids, batch_size, seq_len, gen)  # [B, S+1]
+            group["lr"] = cosine_lr(step, steps, lr, warmup)
+        batch = random_windows(train_ids, batch_size, seq_len, gen)  # [B, S+1]
         local = batch.chunk(world)[rank]  # [B/world, S+1]
         logits = trained(input_ids=local[:, :-1]).logits  # [b, S, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), local[:, 1:].flatten())

@@ -21,6 +21,14 @@ def cosine_lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw_with_decay_groups(model, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norms, biases and gains undecayed), betas (0.9, 0.95)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def train_causal_lm(model, train_ids: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, lr: float,
                     seed: int = 0, warmup: int | None = None, weight_decay: float = 0.1,
                     progress: bool = True, desc: str = "train",
@@ -32,10 +40,7 @@ def train_causal_lm(model, train_ids: torch.Tensor, *, steps: int, batch_size: i
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     warmup = max(1, steps // 20) if warmup is None else warmup
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = adamw_with_decay_groups(model, lr, weight_decay)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
