@@ -38,6 +38,33 @@ def _check_safetensors(path: Path) -> None:
             raise SparselmError(f"corrupt or truncated weights file {f}: {err}; re-download or re-save the model") from err
 
 
+def load_safetensors_into(model, path: Path, layout: str) -> None:
+    """Load every *.safetensors file of `path` into a model built for a custom `layout` (low-rank,
+    per-layer widths, ...): corrupt files, a missing weight or an unexpected one are refused."""
+    from safetensors.torch import load_file
+
+    _check_safetensors(path)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if not state:
+        raise SparselmError(f"{path} has no .safetensors weights; save the model with sparselm")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise SparselmError(f"{path}: weights do not match the {layout} (missing {sorted(set(missing) - tied)[:3]}, "
+                            f"unexpected {unexpected[:3]}); re-save the model")
+    model.tie_weights()
+    model.eval()
+
+
+def load_tokenizer_if_present(path: Path):
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+
+
 def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
          device: str | None = None):
     """(model, tokenizer) from a local HF causal-LM folder, or a built-in name ("tiny", "small")."""

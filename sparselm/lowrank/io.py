@@ -43,8 +43,7 @@ def save_lowrank(model: nn.Module, tokenizer, out_dir, metadata: dict | None = N
 
 def load_lowrank(path, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a folder written by `save_lowrank`."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
@@ -62,17 +61,7 @@ def load_lowrank(path, dtype: torch.dtype | None = None):
             raise SparselmError(f"{path}: low-rank layer {name!r} does not exist in the model; re-save it") from err
         replace_module(model, name, LowRankLinear(layer.in_features, layer.out_features, int(rank),
                                                   bias=layer.bias is not None, dtype=layer.weight.dtype))
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    if not state:
-        raise SparselmError(f"{path} has no .safetensors weights; save the model with save_lowrank")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise SparselmError(f"{path}: weights do not match the low-rank layout (missing "
-                            f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); re-save the model")
-    model.tie_weights()
-    model.eval()
-    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    from sparselm.io import load_safetensors_into, load_tokenizer_if_present
+
+    load_safetensors_into(model, path, "low-rank layout")
+    return model, load_tokenizer_if_present(path)

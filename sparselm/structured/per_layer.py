@@ -41,8 +41,7 @@ def _resize_mlp(mlp_projections: dict[str, nn.Module], mlp: nn.Module, width: in
 
 def load_structured(path: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) for a folder whose config lists per-layer MLP widths."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparselm.adapters import get_adapter
 
@@ -59,17 +58,7 @@ def load_structured(path: str | Path, dtype: torch.dtype | None = None):
                                 "the folder is inconsistent, re-save the model")
         for block, width in zip(blocks, sizes):
             _resize_mlp(adapter.mlp_projections(block), adapter.mlp(block), int(width))
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    if not state:
-        raise SparselmError(f"{path} has no .safetensors weights; save the model with sparselm")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise SparselmError(f"{path}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, "
-                            f"unexpected {unexpected[:3]}); re-save the model")
-    model.tie_weights()
-    model.eval()
-    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    from sparselm.io import load_safetensors_into, load_tokenizer_if_present
+
+    load_safetensors_into(model, path, "per-layer MLP widths in the config")
+    return model, load_tokenizer_if_present(path)
