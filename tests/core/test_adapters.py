@@ -43,7 +43,8 @@ def test_family_adapter(family):
     n_linear = len(a.linear_layers(blocks[0]))
     assert n_linear == {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6}[family]
     assert a.embedding(model) is model.get_input_embeddings()
-    assert a.final_norm(model) is not None
+    expected_norm = {"gpt2": lambda m: m.transformer.ln_f, "opt": lambda m: m.model.decoder.final_layer_norm}
+    assert a.final_norm(model) is expected_norm.get(family, lambda m: m.model.norm)(model)
     assert a.num_heads(model) == 4
     assert a.head_dim(model) == 16
 
