@@ -2,7 +2,6 @@
 module swaps to ActivationSparseLinear (faster decode, returns the original modules on undo)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from sparselm.activation.projections import projection_modules

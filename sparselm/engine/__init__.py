@@ -1,4 +1,4 @@
 """Engines that walk a model: the block-by-block calibration engine."""
-from sparselm.engine.calibration import BlockContext, capture_block_inputs, run_blockwise
+from sparselm.engine.calibration import BlockContext, StopBlock, capture_block_inputs, run_blockwise
 
-__all__ = ["BlockContext", "capture_block_inputs", "run_blockwise"]
+__all__ = ["BlockContext", "StopBlock", "capture_block_inputs", "run_blockwise"]

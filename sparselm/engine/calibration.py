@@ -27,6 +27,11 @@ class _StopForward(Exception):
     """Raised by the capture hook: the rest of the model need not run."""
 
 
+class StopBlock(Exception):
+    """Raised by a statistics hook once it has seen everything it needs from one block call:
+    `BlockContext.forward` catches it and skips the rest of that call (its output is not needed)."""
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -57,10 +62,16 @@ class BlockContext:
 
     @torch.no_grad()
     def forward(self) -> list[torch.Tensor]:
-        """Run the block (as it is now) on every calibration batch; hooks on it see the inputs."""
+        """Run the block (as it is now) on every calibration batch; hooks on it see the inputs.
+
+        A hook may raise `StopBlock` to cut a call short when it has what it needs; the outputs
+        of such calls are missing from the returned list."""
         outs = []
         for inp in self.inputs:
-            out = self.block(*inp.args, **inp.kwargs)
+            try:
+                out = self.block(*inp.args, **inp.kwargs)
+            except StopBlock:
+                continue
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outs
 
@@ -121,6 +132,10 @@ def run_blockwise(model: nn.Module, calib_ids: torch.Tensor, process_block: Call
         block.to(device)
         ctx = BlockContext(i, block, inputs, device)
         process_block(ctx)
-        outs = ctx.forward()  # the compressed block feeds the next one
-        inputs = [BlockInput((o,) + inp.args[1:], inp.kwargs) for o, inp in zip(outs, inputs)]
+        if i + 1 < len(blocks):  # the compressed block feeds the next one (the last feeds nobody)
+            outs = ctx.forward()
+            if len(outs) != len(inputs):
+                raise RuntimeError("a hook stopped the block forward that produces the next block's inputs; "
+                                   "remove statistics hooks before process_block returns")
+            inputs = [BlockInput((o,) + inp.args[1:], inp.kwargs) for o, inp in zip(outs, inputs)]
         block.to(home)

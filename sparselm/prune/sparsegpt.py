@@ -82,18 +82,44 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return W.to(weight.dtype), keep
 
 
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k lowest entries of `scores` (exactly k; ties: first in flat order).
+
+    A k-th value selection plus a comparison: about 3x faster than topk on CPU at these sizes.
+    """
+    flat = scores.flatten()
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k).values
+    out = flat < kth
+    short = k - int(out.sum())
+    if short > 0:
+        ties = torch.nonzero(flat == kth).flatten()[:short]
+        out[ties] = True
+    return out.view_as(scores)
+
+
+def _row_kernel(W: torch.Tensor, quantizer):
+    """The C++ row-parallel column loop, when it applies (CPU float32, no quantizer)."""
+    if quantizer is not None or W.device.type != "cpu" or W.dtype != torch.float32:
+        return None
+    from sparselm.kernels.extension import load_extension
+
+    module = load_extension()
+    return module if module is not None and hasattr(module, "obs_prune_block") else None
+
+
 def _prune_block(W, U, keep, i1, i2, sparsity, pattern, quantizer, threads) -> None:
     """Columns i1..i2 of W in place: choose the mask, prune column by column with OBS updates
     inside the block, then apply the block's accumulated error to all later columns at once.
 
-    The column loop runs many small ops: it runs on one thread, since thread barriers cost
-    more than they save at these sizes (and stall badly when another process shares the
+    On CPU the column loop runs in the C++ extension, row by row (rows are independent within
+    a block). Otherwise it runs here as column operations on one thread, since thread barriers
+    cost more than they save at these sizes (and stall badly when another process shares the
     cores); the block-level matrix product afterwards uses all threads again.
     """
     count = i2 - i1
-    W1 = W[:, i1:i2].clone()  # [R, b]
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
+    W1 = W[:, i1:i2].clone(memory_format=torch.contiguous_format)  # [R, b]
     U1 = U[i1:i2, i1:i2]  # [b, b]
     d = U1.diagonal()  # [b]
     prune1 = ~keep[:, i1:i2]  # [R, b]; True = removed
@@ -101,9 +127,25 @@ def _prune_block(W, U, keep, i1, i2, sparsity, pattern, quantizer, threads) -> N
         scores = W1.pow(2) / d.pow(2).unsqueeze(0)  # [R, b]
         k = int(sparsity * scores.numel())
         if k:
-            flat = prune1.flatten()
-            flat[torch.topk(scores.flatten(), k, largest=False).indices] = True
-            prune1 = flat.view_as(scores)
+            prune1 |= _lowest(scores, k)
+    kernel = _row_kernel(W1, quantizer)
+    if kernel is not None:
+        Err1 = torch.empty_like(W1)
+        prune1 = prune1.contiguous()
+        kernel.obs_prune_block(W1, U1.contiguous(), prune1, Err1, pattern.n if pattern.is_nm else 0,
+                               pattern.m if pattern.is_nm else 0)
+        Q1 = W1
+    else:
+        Q1, Err1 = _column_loop(W1, U1, d, prune1, i1, count, pattern, quantizer)
+    torch.set_num_threads(threads)
+    W[:, i1:i2] = Q1
+    keep[:, i1:i2] = ~prune1
+    W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
+
+
+def _column_loop(W1, U1, d, prune1, i1, count, pattern, quantizer):
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
     torch.set_num_threads(1)
     for i in range(count):
         w = W1[:, i]  # [R]
@@ -119,7 +161,4 @@ def _prune_block(W, U, keep, i1, i2, sparsity, pattern, quantizer, threads) -> N
         err = (w - q) / d[i]  # [R]
         W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
         Err1[:, i] = err
-    torch.set_num_threads(threads)
-    W[:, i1:i2] = Q1
-    keep[:, i1:i2] = ~prune1
-    W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
+    return Q1, Err1

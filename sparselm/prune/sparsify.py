@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from sparselm.adapters import get_adapter, linear_weight, set_linear_weight
-from sparselm.engine.calibration import BlockContext, run_blockwise
+from sparselm.engine.calibration import BlockContext, StopBlock, run_blockwise
 from sparselm.errors import SparselmError
-from sparselm.prune.config import Magnitude, PruneConfig, SparseGPT, Wanda
+from sparselm.prune.config import Magnitude, PruneConfig, SparseGPT
 from sparselm.prune.magnitude import global_magnitude_threshold, magnitude_prune
 from sparselm.prune.masks import check_nm_width
 from sparselm.prune.owl import outlier_ratio, owl_sparsities
@@ -46,23 +46,39 @@ def _prunable(adapter, block, config: PruneConfig) -> dict[str, nn.Module]:
 
 
 class _StatHooks:
-    """Forward hooks feeding one accumulator per distinct input: layers that read the same
+    """Forward pre-hooks feeding one accumulator per distinct input: layers that read the same
     tensor (q/k/v, gate/up) share an accumulator instead of computing it three times.
 
     Sharing is decided on each layer's first call by tensor *identity*, holding references to
     those first inputs so that no address can be reused meanwhile (comparing data pointers is
     wrong: the allocator hands a freed norm output's memory to the next norm's output).
+
+    With `block` given, the block's calls are counted: when the first call ran every layer
+    exactly once, later calls stop (StopBlock) right after the last layer's input is recorded,
+    so the statistics pass skips that layer's product and everything after it.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], make_acc):
+    def __init__(self, layers: dict[str, nn.Module], make_acc, block: nn.Module | None = None):
         self.acc: dict[str, object] = {}
         self._owner: dict[str, bool] = {}
         self._first_inputs: list[tuple[torch.Tensor, str]] = []
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
         self._make = make_acc
+        self._names = sorted(layers)
+        self._calls: list[str] = []  # layers called so far in the current block call
+        self._block_calls = 0
+        self._stop_after: str | None = None
+        if block is not None:
+            self._handles.append(block.register_forward_pre_hook(self._new_call))
+
+    def _new_call(self, module, args):
+        if self._block_calls == 1 and sorted(self._calls) == self._names:
+            self._stop_after = self._calls[-1]
+        self._block_calls += 1
+        self._calls = []
 
     def _hook(self, name):
-        def fn(module, args, output):
+        def fn(module, args):
             x = args[0]
             if name not in self.acc:
                 first = next((n for t, n in self._first_inputs if t is x), None)
@@ -73,6 +89,9 @@ class _StatHooks:
                     self._first_inputs.append((x, name))
             if self._owner[name]:
                 self.acc[name].add(x.detach())
+            self._calls.append(name)
+            if name == self._stop_after:
+                raise StopBlock
         return fn
 
     def groups(self) -> list[list[str]]:
@@ -106,7 +125,7 @@ def _owl_block_sparsities(model, config, calib_ids, batch_size, device, progress
 
     def measure(ctx: BlockContext):
         layers = _prunable(adapter, ctx.block, config)
-        hooks = _StatHooks(layers, lambda c, d: InputNormAccumulator(c, d))
+        hooks = _StatHooks(layers, lambda c, d: InputNormAccumulator(c, d), ctx.block)
         ctx.forward()
         hooks.remove()
         scores = [wanda_scores(linear_weight(m), hooks.acc[n].sq_mean) for n, m in layers.items()]
@@ -154,7 +173,7 @@ def sparsify(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor | No
             layers = _prunable(adapter, ctx.block, config)
             needs_h = isinstance(config, SparseGPT) or config.refine > 0
             make = (lambda c, d: HessianAccumulator(c, d)) if needs_h else (lambda c, d: InputNormAccumulator(c, d))
-            hooks = _StatHooks(layers, make)
+            hooks = _StatHooks(layers, make, ctx.block)
             ctx.forward()
             hooks.remove()
             s = block_sparsity[ctx.index]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparselm.moe.dispatch import dispatch_naive, dispatch_sorted
+from sparselm.moe.dispatch import dispatch_sorted
 from sparselm.moe.experts import SwiGLUExperts, grouped_mm_available
 from sparselm.moe.layer import MoEConfig, MoELayer
 

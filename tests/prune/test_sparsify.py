@@ -126,3 +126,36 @@ def test_shared_input_groups_are_right_even_after_other_runs(tiny_pair, tiny_cal
 
         run_blockwise(model, tiny_calib[:8], process, batch_size=4, progress=False)
         assert all(sorted(g) == expected for g in seen), seen
+
+
+def test_statistics_pass_stops_early_with_identical_statistics(tiny_pair, tiny_calib):
+    """After a first full call, the statistics pass skips the last layer's product (and the rest
+    of the block) yet every accumulator holds exactly what a full pass gives."""
+    import copy
+
+    from sparselm.engine import run_blockwise
+    from sparselm.prune.sparsify import _StatHooks
+    from sparselm.prune.statistics import HessianAccumulator
+
+    model = copy.deepcopy(tiny_pair[0])
+    results = {}
+
+    def process(ctx):
+        layers = get_adapter(model).linear_layers(ctx.block)
+        calls = {"down": 0}
+        counter = layers["mlp.down_proj"].register_forward_hook(lambda *a: calls.__setitem__("down", calls["down"] + 1))
+        for early in (False, True):
+            calls["down"] = 0
+            hooks = _StatHooks(layers, lambda c, d: HessianAccumulator(c, d), ctx.block if early else None)
+            outs = ctx.forward()
+            hooks.remove()
+            results.setdefault(ctx.index, []).append(({n: a.hessian for n, a in hooks.acc.items()}, calls["down"], len(outs)))
+        counter.remove()
+
+    run_blockwise(model, tiny_calib[:8], process, batch_size=2, progress=False)
+    for full, early in results.values():
+        assert full[1] == 4 and full[2] == 4  # four batches, all run to the end
+        assert early[1] == 1 and early[2] == 1  # only the first call ran down_proj and finished
+        assert full[0].keys() == early[0].keys()
+        for name in full[0]:
+            torch.testing.assert_close(early[0][name], full[0][name], rtol=0, atol=0)

@@ -1,5 +1,4 @@
 """Hand-checked math of sparse training: ERK, schedules, drop-and-grow."""
-import math
 
 import pytest
 import torch

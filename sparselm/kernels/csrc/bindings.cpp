@@ -17,6 +17,7 @@ at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int6
                         int64_t out_features);
 at::Tensor nm_to_dense(at::Tensor idx, at::Tensor values, int64_t n, int64_t m, int64_t in_features);
 at::Tensor dense_gemv(at::Tensor x, at::Tensor w);
+void obs_prune_block(at::Tensor W, at::Tensor U, at::Tensor prune, at::Tensor err, int64_t n, int64_t m);
 bool compiled_with_avx512() { return SPARSELM_AVX512 != 0; }
 }  // namespace sparselm
 
@@ -29,5 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_to_dense", &sparselm::nm_to_dense, "decode an N:M-compressed weight to dense [N, K]");
   m.def("act_sparse_gemv", &sparselm::act_sparse_gemv, "x[K] @ w_t[K,N], reading only rows with x != 0");
   m.def("dense_gemv", &sparselm::dense_gemv, "x[1,K] @ W.T, dense, same threads as the sparse kernels");
+  m.def("obs_prune_block", &sparselm::obs_prune_block,
+        "SparseGPT's column loop over one block, row-parallel, in place (W, prune, err)");
   m.def("compiled_with_avx512", &sparselm::compiled_with_avx512, "whether the AVX-512 paths were compiled");
 }
