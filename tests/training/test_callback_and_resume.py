@@ -62,3 +62,38 @@ def test_resume_from_checkpoint_reproduces_the_run(tmp_path, monkeypatch):
     assert all(torch.equal(resumed.masks[n], full.masks[n]) for n in full.masks)
     assert not list((tmp_path / "a").glob(".*.tmp"))  # no temporary files left behind
     assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == 2
+
+
+def test_callback_inside_a_real_trainer(tmp_path):
+    """`transformers.Trainer` itself drives the callback: RigL updates the masks, the Trainer's
+    AdamW never revives a masked weight, and the run ends at the target sparsity."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 96, (16,), generator=g) for _ in range(16)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    cb = SparseTrainingCallback(SparseTrainingConfig(sparsity=0.75, method="rigl", total_steps=99, update_interval=2))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    initial = {}
+
+    class Snapshot(SparseTrainingCallback.__mro__[1]):  # a plain TrainerCallback, after ours in the list
+        def on_train_begin(self, args, state, control, **kwargs):
+            initial.update({name: mask.clone() for name, mask in cb.manager.masks.items()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    manager = cb.manager
+    assert manager.config.total_steps == 8  # the Trainer's max_steps wins
+    assert manager.optimizer is trainer.optimizer or manager.optimizer is getattr(trainer.optimizer, "optimizer", None)
+    assert [h["step"] for h in manager.history] == [2, 4]  # RigL updates end before 0.75 * 8 steps
+    assert any(not torch.equal(initial[n], m) for n, m in manager.masks.items())  # connections moved
+    for t in manager.targets:
+        mask = manager.masks[t.name]
+        assert int(mask.sum()) == int(initial[t.name].sum())  # same number active per layer
+        assert (t.param.detach()[~mask] == 0).all()
+    assert cb.report["sparsity"] == pytest.approx(0.75, abs=1e-3)

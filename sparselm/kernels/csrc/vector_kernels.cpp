@@ -25,6 +25,7 @@ at::Tensor act_sparse_gemv_t(const at::Tensor& x, const at::Tensor& w_t) {
   const int64_t nnz = (int64_t)nz.size();
   const int64_t* nzp = nz.data();
   constexpr int64_t kChunk = 2048;  // 8 KB of y per chunk stays in L1
+  constexpr int64_t kAhead = 2;     // rows of prefetch distance
   const int nt = (N >= 64) ? num_threads_for(nnz * N) : 1;
 #pragma omp parallel num_threads(nt)
   {
@@ -39,17 +40,15 @@ at::Tensor act_sparse_gemv_t(const at::Tensor& x, const at::Tensor& w_t) {
         const int64_t i = nzp[k];
         const float a = xp[i];
         const T* wr = wp + i * N;
-        if (k + 2 < nnz) {  // the next selected row starts at an unpredictable address
-          const char* nxt = reinterpret_cast<const char*>(wp + nzp[k + 2] * N + cs);
-          prefetch_ahead(nxt);
-          prefetch_ahead(nxt, 64);
-          prefetch_ahead(nxt, 128);
-          prefetch_ahead(nxt, 192);
-        }
+        // The selected rows start at unpredictable addresses: while this row's segment is
+        // streamed, the same segment of the row kAhead selections later is prefetched line by
+        // line, so the hardware prefetcher never has to ramp up at a row start.
+        const T* ahead = k + kAhead < nnz ? wp + nzp[k + kAhead] * N : wr;
 #if SPARSELM_AVX512
         const __m512 av = _mm512_set1_ps(a);
         int64_t c = cs;
         for (; c + 16 <= ce; c += 16) {
+          prefetch_ahead(ahead + c);
           const __m512 w = load_values(wr + c, 16);
           _mm512_storeu_ps(yp + c, _mm512_fmadd_ps(av, w, _mm512_loadu_ps(yp + c)));
         }
@@ -59,6 +58,7 @@ at::Tensor act_sparse_gemv_t(const at::Tensor& x, const at::Tensor& w_t) {
           _mm512_mask_storeu_ps(yp + c, km, _mm512_fmadd_ps(av, w, _mm512_maskz_loadu_ps(km, yp + c)));
         }
 #else
+        (void)ahead;
         for (int64_t c = cs; c < ce; ++c) yp[c] += a * to_float(wr[c]);
 #endif
       }
