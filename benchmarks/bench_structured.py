@@ -3,10 +3,10 @@
 Run: python benchmarks/bench_structured.py [--heal STEPS] [--quick]
 Prints Markdown tables, then one JSON line last. Everything is compared in the same run:
 - 50% of MLP neurons removed (activation-weighted scores): time of the MLPs of all blocks
-  (median, 2048 tokens), decode tokens/s (greedy, KV cache, batch 1 and 16), perplexity on the
+  (median of 25 interleaved rounds, 2048 tokens), decode tokens/s (greedy, KV cache, batch 1 and 16), perplexity on the
   test split before and after a distillation heal;
-- two decoder layers removed: by block influence (ShortGPT) vs at random (mean of 5 seeds) vs
-  the last two;
+- two decoder layers removed: by block influence re-measured after each removal (sparselm's
+  default) and measured once (ShortGPT), vs at random (mean of 5 seeds) vs the last two;
 - width pruning at the same 50% of MLP neurons with Torch-Pruning (`torch-pruning` package,
   its group L2-magnitude importance), if it runs on the model.
 """
@@ -22,25 +22,30 @@ import time
 import torch
 
 from sparselm.bench.generation import measure_generation
-from sparselm.bench.timing import median_seconds
 from sparselm.data import calibration, corpus_token_ids, load_corpus
 from sparselm.evaluate import perplexity
 from sparselm.structured import heal, shrink
-from sparselm.structured.layers import measure_block_influence, remove_layers
+from sparselm.structured.layers import remove_layers, select_layers_to_remove
 from sparselm.zoo import load_builtin
 
 
-def mlp_time(model, tokens: int = 2048) -> float:
-    """Median seconds of running every block's MLP on [1, tokens, hidden] (no attention)."""
-    hidden = model.config.hidden_size
+def mlp_times(models: dict, tokens: int = 2048, rounds: int = 25) -> dict[str, float]:
+    """Median seconds of running every block's MLP on [1, tokens, hidden] (no attention), per
+    model, in interleaved rounds (one call of each model per round) so that load changes on a
+    shared machine hit every model alike."""
+    hidden = next(iter(models.values())).config.hidden_size
     x = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(0))
-    mlps = [layer.mlp for layer in model.model.layers]
-
-    def run(_):
-        with torch.inference_mode():
-            for mlp in mlps:
-                mlp(x)
-    return median_seconds(run, repeats=20, warmup=3)
+    mlps = {name: [layer.mlp for layer in m.model.layers] for name, m in models.items()}
+    samples = {name: [] for name in models}
+    with torch.inference_mode():
+        for r in range(rounds + 3):
+            for name, blocks in mlps.items():
+                start = time.perf_counter()
+                for mlp in blocks:
+                    mlp(x)
+                if r >= 3:  # three warm-up rounds
+                    samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def decode_speed(model, batch: int) -> float:
@@ -84,13 +89,13 @@ def main() -> None:
         return perplexity(m, test_ids, seq_len, max_windows=args.windows)
 
     started = time.time()
-    dense = {"ppl": ppl(model), "mlp_s": mlp_time(model), "decode_b1": decode_speed(model, 1),
+    dense = {"ppl": ppl(model), "decode_b1": decode_speed(model, 1),
              "decode_b16": decode_speed(model, 16), "params": sum(p.numel() for p in model.parameters())}
 
     # --- 50% of MLP neurons -----------------------------------------------------------
     pruned = copy.deepcopy(model)
     report = shrink(pruned, calib, neurons=0.5, score="activation", progress=False)
-    neurons = {"ppl": ppl(pruned), "mlp_s": mlp_time(pruned), "decode_b1": decode_speed(pruned, 1),
+    neurons = {"ppl": ppl(pruned), "decode_b1": decode_speed(pruned, 1),
                "decode_b16": decode_speed(pruned, 16), "params": report.params_after}
     taylor = copy.deepcopy(model)
     shrink(taylor, calib, neurons=0.5, score="taylor", progress=False)
@@ -102,18 +107,20 @@ def main() -> None:
 
     # --- two layers -------------------------------------------------------------------
     n_layers = len(model.model.layers)
-    influence = measure_block_influence(model, model.model.layers, calib, progress=False)
+    count = min(2, n_layers - 1)  # the tiny model (--quick) has two layers only
+    by_iterative, influence = select_layers_to_remove(model, model.model.layers, calib, count, "iterative",
+                                                      progress=False)
 
     def without(drop):
         m = copy.deepcopy(model)
         remove_layers(m, m.model.layers, sorted(drop))
         return ppl(m)
 
-    count = min(2, n_layers - 1)  # the tiny model (--quick) has two layers only
     by_bi = sorted(int(i) for i in torch.argsort(influence)[:count])
     rng = random.Random(0)
     random_sets = [sorted(rng.sample(range(n_layers), count)) for _ in range(5)]
     layers = {"influence": [round(v, 4) for v in influence.tolist()], "bi_drop": by_bi, "ppl_bi": without(by_bi),
+              "iterative_drop": by_iterative, "ppl_iterative": without(by_iterative),
               "random_drops": random_sets, "ppl_random": [without(d) for d in random_sets],
               "ppl_last2": without(list(range(n_layers - count, n_layers)))}
     layers["ppl_random_mean"] = statistics.mean(layers["ppl_random"])
@@ -121,13 +128,19 @@ def main() -> None:
     # --- Torch-Pruning at the same ratio ------------------------------------------------
     try:
         tp_model, widths = torch_pruning_width(model, 0.5, calib[:1, :16])
-        tp_result = {"ppl": ppl(tp_model), "widths": widths, "mlp_s": mlp_time(tp_model),
+        tp_result = {"ppl": ppl(tp_model), "widths": widths,
                      "params": sum(p.numel() for p in tp_model.parameters())}
         tp_model_healed = tp_model
         heal(tp_model_healed, model, calib, args.heal, lr=3e-4, batch_size=8, progress=False)
         tp_result["ppl_healed"] = ppl(tp_model_healed)
     except Exception as err:  # noqa: BLE001 - report why it does not run on this model
-        tp_result = {"error": f"{type(err).__name__}: {err}"[:300]}
+        tp_model, tp_result = None, {"error": f"{type(err).__name__}: {err}"[:300]}
+
+    timed = {"dense": model, "neurons": pruned} | ({"tp": tp_model} if tp_model is not None else {})
+    seconds = mlp_times(timed)
+    dense["mlp_s"], neurons["mlp_s"] = seconds["dense"], seconds["neurons"]
+    if tp_model is not None:
+        tp_result["mlp_s"] = seconds["tp"]
 
     print(f"## Structured pruning, built-in {name!r} model (test-split perplexity, {args.windows} windows of {seq_len})\n")
     print("| variant | params | ppl | ppl healed | MLP time | decode tok/s b1 | decode tok/s b16 |")
@@ -146,7 +159,9 @@ def main() -> None:
     print(f"\nHealing: {args.heal} distillation steps (batch 8 x {seq_len}) against the dense model's logits.\n")
     print("| two layers removed | layers | ppl |")
     print("| --- | --- | ---: |")
-    print(f"| block influence (ShortGPT) | {by_bi} | {layers['ppl_bi']:.2f} |")
+    print(f"| block influence, re-measured after each removal (default) | {by_iterative} | "
+          f"{layers['ppl_iterative']:.2f} |")
+    print(f"| block influence measured once (ShortGPT) | {by_bi} | {layers['ppl_bi']:.2f} |")
     print(f"| random, mean of 5 seeds | {random_sets} | {layers['ppl_random_mean']:.2f} |")
     print(f"| last two | {list(range(n_layers - count, n_layers))} | {layers['ppl_last2']:.2f} |")
     print(f"\nblock influence per layer: {layers['influence']}; total time {time.time() - started:.0f} s\n")
@@ -156,7 +171,9 @@ def main() -> None:
                                  "decode_b1": neurons["decode_b1"] / dense["decode_b1"],
                                  "decode_b16": neurons["decode_b16"] / dense["decode_b16"],
                                  "ppl_bi_vs_random": layers["ppl_bi"] / layers["ppl_random_mean"],
-                                 "ppl_bi_vs_last2": layers["ppl_bi"] / layers["ppl_last2"]}}))
+                                 "ppl_bi_vs_last2": layers["ppl_bi"] / layers["ppl_last2"],
+                                 "ppl_iterative_vs_random": layers["ppl_iterative"] / layers["ppl_random_mean"],
+                                 "ppl_iterative_vs_last2": layers["ppl_iterative"] / layers["ppl_last2"]}}))
 
 
 if __name__ == "__main__":

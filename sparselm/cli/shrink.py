@@ -13,6 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("--head-mode", choices=("groups", "query"), default="groups",
                    help="groups: remove KV groups with their query heads; query: the same query heads from every group")
     p.add_argument("--layers", type=int, default=0, help="decoder layers to remove by block influence (default 0)")
+    p.add_argument("--layer-selection", choices=("iterative", "once"), default="iterative",
+                   help="iterative: re-measure block influence after each removal (default); once: ShortGPT")
     p.add_argument("--score", choices=("activation", "taylor"), default="activation",
                    help="neuron/head importance (default activation)")
     p.add_argument("--heal", type=int, default=0, metavar="STEPS", help="distillation steps against the input model")
@@ -39,10 +41,12 @@ def run(args) -> int:
     calib, calib_record = calibration_for(model, tokenizer, args)
     dense = copy.deepcopy(model)
     report = shrink(model, calib, neurons=args.neurons, heads=args.heads, layers=args.layers, score=args.score,
-                    head_mode=args.head_mode, heal_steps=args.heal, heal_lr=args.heal_lr)
+                    head_mode=args.head_mode, layer_selection=args.layer_selection, heal_steps=args.heal,
+                    heal_lr=args.heal_lr)
     save(model, tokenizer, args.out, overwrite=True, protect=(args.model,),
          metadata={"method": "shrink", "neurons": args.neurons, "heads": args.heads, "layers": args.layers,
-                   "score": args.score, "head_mode": args.head_mode, "heal_steps": args.heal,
+                   "layer_selection": args.layer_selection, "score": args.score, "head_mode": args.head_mode,
+                   "heal_steps": args.heal,
                    "calibration": calib_record, "report": report.to_dict()})
     eval_ids = corpus_token_ids(tokenizer, load_corpus(args.calib), "test")
     rows = compare_before_after(dense, model, eval_ids, calib.shape[1], args.eval_windows)

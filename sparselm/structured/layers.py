@@ -6,6 +6,12 @@ Block influence BI_i = 1 - mean over tokens of cos(x_in, x_out), with x_in / x_o
 states entering and leaving decoder block i. A block that barely turns the residual stream
 (BI near 0) can go with little harm; ShortGPT removes the n blocks of lowest BI, measured once
 on the unpruned model.
+
+Iterative selection (the default of `shrink`) removes one block at a time and measures BI
+again on what is left: once a block is gone, the blocks around it see other inputs, and a
+block that looked redundant next to its neighbour may not be redundant without it. On the
+built-in small model, one-shot BI removes the last two blocks while iterative BI removes
+blocks 1 and 2, with lower perplexity (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -61,6 +67,49 @@ def least_influential(influence: torch.Tensor, count: int) -> list[int]:
     """Indices of the `count` blocks of lowest influence, ascending (ties: the later block goes)."""
     order = sorted(range(influence.numel()), key=lambda i: (influence[i].item(), -i))
     return sorted(order[:count])
+
+
+LAYER_SELECTIONS = ("iterative", "once")
+
+
+def _skip_block(_module, args, kwargs, output):
+    """Forward hook that makes a block the identity: its output is replaced by its input."""
+    x_in = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (x_in,) + tuple(output[1:])
+    return x_in
+
+
+def select_layers_to_remove(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, count: int,
+                            selection: str = "iterative", batch_size: int = 8,
+                            progress: bool = True) -> tuple[list[int], torch.Tensor]:
+    """(blocks to remove, ascending; BI of every block on the unpruned model).
+
+    "once": the `count` blocks of lowest BI (ShortGPT). "iterative": remove the block of lowest
+    BI, measure BI again with it skipped (its output replaced by its input, which is what
+    removing it does to the blocks after it), repeat. The model is left unchanged.
+    """
+    if selection not in LAYER_SELECTIONS:
+        raise SparselmError(f"unknown layer selection {selection!r}; choose one of {', '.join(LAYER_SELECTIONS)}")
+    influence = measure_block_influence(model, blocks, calib_ids, batch_size, progress)
+    if selection == "once" or count <= 1:
+        return least_influential(influence, count), influence
+    dropped: list[int] = []
+    handles = []
+    current = influence
+    try:
+        while True:
+            candidates = current.clone()
+            candidates[dropped] = float("inf")
+            dropped.append(least_influential(candidates, 1)[0])
+            if len(dropped) == count:
+                break
+            handles.append(blocks[dropped[-1]].register_forward_hook(_skip_block, with_kwargs=True))
+            current = measure_block_influence(model, blocks, calib_ids, batch_size, progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(dropped), influence
 
 
 def remove_layers(model: nn.Module, blocks: nn.ModuleList, drop: list[int]) -> None:

@@ -21,7 +21,7 @@ from sparselm.lowrank.input_statistics import check_calibration, collect_input_s
 from sparselm.structured import heads as H
 from sparselm.structured import neurons as N
 from sparselm.structured.heal import evaluate_distillation, heal
-from sparselm.structured.layers import check_layers_to_remove, least_influential, measure_block_influence, remove_layers
+from sparselm.structured.layers import LAYER_SELECTIONS, check_layers_to_remove, remove_layers, select_layers_to_remove
 from sparselm.structured.per_layer import record_intermediate_sizes
 
 HEAD_FAMILIES = ("llama", "mistral", "qwen2")  # families whose config takes an explicit head_dim
@@ -72,9 +72,10 @@ def _taylor_gradients(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
 
 def shrink(model: nn.Module, calib_ids: torch.Tensor | None = None, *, neurons: float | list[float] = 0.0,
            heads: float = 0.0, layers: int = 0, score: str = "activation", head_mode: str = "groups",
-           heal_steps: int = 0, heal_lr: float = 3e-4, batch_size: int = 8, progress: bool = True) -> ShrinkReport:
+           layer_selection: str = "iterative", heal_steps: int = 0, heal_lr: float = 3e-4, batch_size: int = 8, progress: bool = True) -> ShrinkReport:
     """Remove `neurons` (fraction per MLP, or a list per layer), `heads` (fraction of query heads,
-    in whole GQA units, see `heads.units_to_remove`) and `layers` (count, lowest block influence)
+    in whole GQA units, see `heads.units_to_remove`) and `layers` (count, lowest block influence,
+    re-measured after each removal with `layer_selection="iterative"`, or measured once: "once")
     from `model`, in place, scored on `calib_ids` [n, seq_len]. `score` is "activation" or
     "taylor". With `heal_steps` > 0, distils the result against the unpruned model.
 
@@ -91,6 +92,8 @@ def shrink(model: nn.Module, calib_ids: torch.Tensor | None = None, *, neurons: 
     if not isinstance(heal_steps, int) or heal_steps < 0:
         raise SparselmError(f"heal_steps={heal_steps!r} must be a whole number >= 0")
     check_layers_to_remove(layers, num_layers)
+    if layer_selection not in LAYER_SELECTIONS:
+        raise SparselmError(f"unknown layer selection {layer_selection!r}; choose one of {', '.join(LAYER_SELECTIONS)}")
     do_neurons, do_heads = any(r > 0 for r in neuron_ratios), heads > 0
     mlps = [adapter.mlp_projections(b) for b in blocks] if do_neurons or isinstance(neurons, (list, tuple)) else []
     for i, proj in enumerate(mlps):
@@ -109,7 +112,8 @@ def shrink(model: nn.Module, calib_ids: torch.Tensor | None = None, *, neurons: 
     teacher = copy.deepcopy(model).requires_grad_(False) if heal_steps else None
 
     # --- scores, all on the unpruned model -----------------------------------------------
-    influence = measure_block_influence(model, blocks, calib_ids, batch_size, progress) if layers else None
+    dropped, influence = select_layers_to_remove(model, blocks, calib_ids, layers, layer_selection, batch_size,
+                                                 progress) if layers else ([], None)
     stats = {}
     if score == "activation" and (do_neurons or do_heads):
         watched = {}
@@ -154,7 +158,6 @@ def shrink(model: nn.Module, calib_ids: torch.Tensor | None = None, *, neurons: 
         config.num_attention_heads = new_heads
         config.num_key_value_heads = num_kv - head_units if head_mode == "groups" else num_kv
         config.head_dim = head_dim  # hidden_size / heads no longer gives it
-    dropped = least_influential(influence, layers) if layers else []
     if dropped:
         remove_layers(model, blocks, dropped)
         per_layer_sizes = getattr(config, "sparselm_intermediate_sizes", None)

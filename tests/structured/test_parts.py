@@ -99,3 +99,47 @@ def test_block_influence_by_hand():
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # cos 1 and 0
     assert block_influence(x, y).item() == pytest.approx(1.0)
     assert least_influential(torch.tensor([0.3, 0.1, 0.1, 0.9]), 2) == [1, 2]
+
+
+def test_skipping_a_block_measures_what_removing_it_gives(calib):
+    """Iterative selection measures influence with a block skipped by a hook: that must equal
+    the influence of the remaining blocks after really removing it."""
+    from tests.structured.conftest import make_llama
+    from sparselm.structured.layers import _skip_block, measure_block_influence, remove_layers
+
+    model = make_llama(layers=4)
+    blocks = model.model.layers
+    handle = blocks[1].register_forward_hook(_skip_block, with_kwargs=True)
+    skipped = measure_block_influence(model, blocks, calib, progress=False)
+    handle.remove()
+    removed = make_llama(layers=4)
+    remove_layers(removed, removed.model.layers, [1])
+    after = measure_block_influence(removed, removed.model.layers, calib, progress=False)
+    assert skipped[1].item() == pytest.approx(0.0, abs=1e-9)
+    torch.testing.assert_close(skipped[[0, 2, 3]], after, rtol=1e-6, atol=1e-9)
+
+
+def test_iterative_selection_follows_the_remeasured_influence(calib, monkeypatch):
+    """With hand-made influences that change once a block is gone, iterative selection picks
+    the second block from the re-measured values, one-shot selection from the first ones."""
+    from tests.structured.conftest import make_llama
+    from sparselm.structured import layers as L
+
+    model = make_llama(layers=4)
+    rounds = [torch.tensor([0.9, 0.3, 0.1, 0.2], dtype=torch.float64),  # block 2 goes first
+              torch.tensor([0.9, 0.25, 0.0, 0.6], dtype=torch.float64)]  # then block 3 matters more than 1
+    calls = []
+
+    def fake_measure(model, blocks, calib_ids, batch_size=8, progress=True):
+        calls.append(len(blocks))
+        return rounds[min(len(calls), 2) - 1]
+
+    monkeypatch.setattr(L, "measure_block_influence", fake_measure)
+    assert L.select_layers_to_remove(model, model.model.layers, calib, 2, "once")[0] == [2, 3]
+    calls.clear()
+    dropped, first = L.select_layers_to_remove(model, model.model.layers, calib, 2, "iterative")
+    assert dropped == [1, 2] and len(calls) == 2
+    torch.testing.assert_close(first, rounds[0])
+    assert not any(b._forward_hooks for b in model.model.layers)  # the skip hooks are gone
+    with pytest.raises(SparselmError, match="layer selection"):
+        L.select_layers_to_remove(model, model.model.layers, calib, 2, "greedy")
