@@ -41,7 +41,7 @@ def _finish(y32: torch.Tensor, bias, dtype) -> torch.Tensor:
 
 
 def csr_matmul(x, crow_indices, col_indices, values, in_features: int, out_features: int, bias=None) -> torch.Tensor:
-    """x [B, K] @ W.T (+ bias) for a CSR-packed W [N, K] (int32 column indices)."""
+    """x [B, K] @ W.T (+ bias) for a CSR-packed W [N, K] (int16 or int32 column indices)."""
     _check_x(x, in_features, "csr_matmul")
     ext = _kernel_for(x, values)
     if ext is None:

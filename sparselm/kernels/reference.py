@@ -3,7 +3,7 @@ extension is unavailable.
 
 The three formats (B = batch, K = in_features, N = out_features, S = stored slots per row):
 
-- CSR: `crow_indices` int64 [N + 1], `col_indices` int32 [nnz], `values` [nnz]; row r holds
+- CSR: `crow_indices` int64 [N + 1], `col_indices` int16 or int32 [nnz], `values` [nnz]; row r holds
   the slots crow[r]..crow[r+1]-1 in increasing column order.
 - bitmask: `mask` uint8 [N, R] with R = 8 * ceil(K / 64) (bit t of byte j marks column
   8j + t; padding bits are 0), `row_offsets` int64 [N + 1] and `values` [nnz]: the non-zeros

@@ -5,7 +5,7 @@ for any leading shape of x and for fp32 and bf16 (the product accumulates in fp3
 once, like PyTorch's CPU linear; `torch.testing.assert_close` holds). Inference only: no
 gradient flows through the packed weight.
 
-Formats: "csr" (int32 column indices), "bitmask" (1 bit per weight + packed values), "nm"
+Formats: "csr" (int16 or int32 column indices), "bitmask" (1 bit per weight + packed values), "nm"
 (N:M compressed: values + in-group indices; the layer must already be N:M sparse).
 """
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_encoders_are_exact_and_decoders_invert_them():
     for dtype in (torch.float32, torch.bfloat16):
         w = masked_weight(33, 50, 0.6, dtype)
         t = formats.pack_csr(w)
-        assert t["col_indices"].dtype == torch.int32
+        assert t["col_indices"].dtype == torch.int16  # in_features <= 32768
         assert torch.equal(reference.dense_from_csr(t["crow_indices"], t["col_indices"], t["values"], 50, 33), w)
         t = formats.pack_bitmask(w)
         assert torch.equal(reference.dense_from_bitmask(t["mask"], t["row_offsets"], t["values"], 50, 33), w)
@@ -149,3 +149,27 @@ def test_cpp_decoders_equal_reference(sparse_kernels, dtype):
     w24 = masked_weight(37, 130, 0.0, dtype, nm=(2, 4))
     t = formats.pack_nm(w24, 2, 4)
     assert torch.equal(sparse_kernels.nm_to_dense(t["indices"], t["values"], 2, 4, 130), w24)
+
+
+@pytest.mark.parametrize("in_f", [32768, 32769, 40001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csr_index_width_follows_in_features(kernel_path, in_f, dtype):
+    """int16 columns up to 32768 inputs (the last column, 32767, must not turn negative), int32
+    beyond; both decode and multiply exactly like the dense masked weight."""
+    w = masked_weight(6, in_f, 0.9, dtype, seed=3)
+    w[:, -1] = 0.5  # the highest column index is used in every row
+    t = formats.pack_csr(w)
+    assert t["col_indices"].dtype == (torch.int16 if in_f <= 32768 else torch.int32)
+    assert int(t["col_indices"].max()) == in_f - 1
+    x = torch.randn(3, in_f).to(dtype)
+    got = ops.csr_matmul(x, t["crow_indices"], t["col_indices"], t["values"], in_f, 6)
+    torch.testing.assert_close(got.float(), x.float() @ w.float().t(), rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=1e-3)
+    got1 = ops.csr_matmul(x[:1], t["crow_indices"], t["col_indices"], t["values"], in_f, 6)
+    torch.testing.assert_close(got1.float(), x[:1].float() @ w.float().t(),
+                               rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+    assert torch.equal(reference.dense_from_csr(t["crow_indices"], t["col_indices"], t["values"], in_f, 6), w)
+    if kernel_path == "extension":
+        from sparselm.kernels import load_extension
+
+        assert torch.equal(load_extension().csr_to_dense(t["crow_indices"], t["col_indices"], t["values"], in_f, 6), w)

@@ -1,4 +1,4 @@
-// Index-driven formats: CSR (int32 columns) and N:M compressed (values + in-group indices).
+// Index-driven formats: CSR (int16 or int32 columns) and N:M compressed (values + in-group indices).
 // Legend: B = batch rows, K = in_features, N = out_features, S = stored slots per N:M row.
 #include "kernel_common.h"
 
@@ -91,13 +91,22 @@ inline void slots_times_xt(const float* xtp, int64_t B, const T* vals, ColAt col
   }
 }
 
-// CSR: crow int64 [N + 1], col int32 [nnz], values [nnz].
-template <typename T>
+// Eight CSR column indices widened to int32 lanes (lanes outside k are zero and never read).
+#if SPARSELM_AVX512
+inline __m256i load_cols8(const int32_t* c, __mmask8 k) { return _mm256_maskz_loadu_epi32(k, c); }
+inline __m256i load_cols8(const int16_t* c, __mmask8 k) {
+  return _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(k, c));  // columns < 32768: zero-extend
+}
+#endif
+
+// CSR: crow int64 [N + 1], col int16 (in_features <= 32768) or int32 [nnz], values [nnz].
+// int16 columns cut the bytes per stored weight from 8 to 6 (fp32) or 6 to 4 (bf16).
+template <typename T, typename I>
 at::Tensor csr_matmul_t(const at::Tensor& x, const at::Tensor& crow,
                            const at::Tensor& col, const at::Tensor& values, int64_t N) {
   const int64_t B = x.size(0), K = x.size(1);
   const int64_t* rp = crow.data_ptr<int64_t>();
-  const int32_t* cp = col.data_ptr<int32_t>();
+  const I* cp = col.data_ptr<I>();
   const T* vp = values.data_ptr<T>();
   const int nt = num_threads_for(values.numel() * B);
   if (B == 1) {
@@ -108,10 +117,10 @@ at::Tensor csr_matmul_t(const at::Tensor& x, const at::Tensor& crow,
     for (int64_t r = 0; r < N; ++r) {
       const int64_t s0 = rp[r], count = rp[r + 1] - s0;
 #if SPARSELM_AVX512
-      const int32_t* c = cp + s0;
+      const I* c = cp + s0;
       auto cols8 = [c](int64_t j, __mmask8 k) {
         prefetch_ahead(c + j, kPrefetchBytes);
-        return _mm256_maskz_loadu_epi32(k, c + j);
+        return load_cols8(c + j, k);
       };
       yp[r] = gather_dot(xp, vp + s0, cols8, count);
 #else
@@ -128,7 +137,7 @@ at::Tensor csr_matmul_t(const at::Tensor& x, const at::Tensor& crow,
   float* ytp = yt.data_ptr<float>();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < N; ++r) {
-    const int32_t* c = cp + rp[r];
+    const I* c = cp + rp[r];
     slots_times_xt(xtp, B, vp + rp[r], [c](int64_t j) { return c[j]; }, rp[r + 1] - rp[r], ytp + r * B);
   }
   return yt.t().contiguous();
@@ -181,8 +190,8 @@ at::Tensor nm_matmul_t(const at::Tensor& x, const at::Tensor& idx,
   return yt.t().contiguous();
 }
 
-template <typename T>
-void csr_to_dense_t(const int64_t* rp, const int32_t* cp, const T* vp, T* dp, int64_t N, int64_t K) {
+template <typename T, typename I>
+void csr_to_dense_t(const int64_t* rp, const I* cp, const T* vp, T* dp, int64_t N, int64_t K) {
   const int nt = num_threads_for(N * K);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < N; ++r)
@@ -203,14 +212,19 @@ void nm_to_dense_t(const uint8_t* ip, const T* vp, T* dp, int64_t N, int64_t S, 
 // Decode to the dense [N, K] weight (for prefill-sized batches): a scatter per row.
 at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int64_t in_features,
                         int64_t out_features) {
-  TORCH_CHECK(crow.scalar_type() == at::kLong && crow.numel() == out_features + 1 && col.scalar_type() == at::kInt &&
+  TORCH_CHECK(crow.scalar_type() == at::kLong && crow.numel() == out_features + 1 &&
+                  (col.scalar_type() == at::kInt || (col.scalar_type() == at::kShort && in_features <= 32768)) &&
                   col.is_contiguous() && values.is_contiguous() && values.numel() == col.numel(),
               "csr_to_dense: malformed packed tensors");
   auto dense = at::zeros({out_features, in_features}, values.options());
   const int64_t* rp = crow.data_ptr<int64_t>();
-  const int32_t* cp = col.data_ptr<int32_t>();
   SPARSELM_DISPATCH_VALUES(values, "csr_to_dense", [&] {
-    csr_to_dense_t(rp, cp, values.data_ptr<scalar_t>(), dense.data_ptr<scalar_t>(), out_features, in_features);
+    if (col.scalar_type() == at::kShort)
+      csr_to_dense_t(rp, col.data_ptr<int16_t>(), values.data_ptr<scalar_t>(), dense.data_ptr<scalar_t>(),
+                     out_features, in_features);
+    else
+      csr_to_dense_t(rp, col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), dense.data_ptr<scalar_t>(),
+                     out_features, in_features);
     return 0;
   });
   return dense;
@@ -221,11 +235,13 @@ at::Tensor csr_linear(at::Tensor x, at::Tensor crow, at::Tensor col, at::Tensor 
   auto xf = as_fp32_matrix(x, in_features, "csr");
   TORCH_CHECK(crow.scalar_type() == at::kLong && crow.numel() == out_features + 1 &&
                   crow.is_contiguous(), "csr: crow_indices must be int64 [out_features + 1]");
-  TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous(),
-              "csr: col_indices must be contiguous int32");
+  TORCH_CHECK((col.scalar_type() == at::kInt || (col.scalar_type() == at::kShort && in_features <= 32768)) &&
+                  col.is_contiguous(),
+              "csr: col_indices must be contiguous int32, or int16 when in_features <= 32768");
   TORCH_CHECK(values.is_contiguous() && values.numel() == col.numel(), "csr: values/col size mismatch");
   auto y = SPARSELM_DISPATCH_VALUES(values, "csr", [&] {
-    return csr_matmul_t<scalar_t>(xf, crow, col, values, out_features);
+    if (col.scalar_type() == at::kShort) return csr_matmul_t<scalar_t, int16_t>(xf, crow, col, values, out_features);
+    return csr_matmul_t<scalar_t, int32_t>(xf, crow, col, values, out_features);
   });
   return finish(y, bias, x.scalar_type());
 }
