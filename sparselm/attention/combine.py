@@ -12,16 +12,16 @@ from sparselm.attention.pattern import Pattern, Range, intersect_ranges, merge_r
 
 
 @dataclass(frozen=True)
-class Union(Pattern):
-    """A key is allowed if any part allows it."""
+class _Composite(Pattern):
+    """Parts combined key by key with `_combine` (a boolean operator on rule outputs)."""
 
     parts: tuple[Pattern, ...]
 
     @classmethod
-    def of(cls, *patterns: Pattern) -> "Union":
+    def of(cls, *patterns: Pattern):
         flat: list[Pattern] = []
         for p in patterns:
-            flat.extend(p.parts if isinstance(p, Union) else (p,))
+            flat.extend(p.parts if isinstance(p, cls) else (p,))
         return cls(tuple(flat))
 
     @property
@@ -32,11 +32,24 @@ class Union(Pattern):
         for p in self.parts:
             p.prepare(n)
 
+    @staticmethod
+    def _combine(a, b):
+        raise NotImplementedError
+
     def _rule(self, q, k):
         out = self.parts[0]._rule(q, k)
         for p in self.parts[1:]:
-            out = out | p._rule(q, k)
+            out = self._combine(out, p._rule(q, k))
         return out
+
+
+@dataclass(frozen=True)
+class Union(_Composite):
+    """A key is allowed if any part allows it."""
+
+    @staticmethod
+    def _combine(a, b):
+        return a | b
 
     def key_ranges(self, q_start: int, q_end: int) -> list[Range]:
         return merge_ranges([r for p in self.parts for r in p.key_ranges(q_start, q_end)])
@@ -46,31 +59,12 @@ class Union(Pattern):
 
 
 @dataclass(frozen=True)
-class Intersection(Pattern):
+class Intersection(_Composite):
     """A key is allowed only if every part allows it."""
 
-    parts: tuple[Pattern, ...]
-
-    @classmethod
-    def of(cls, *patterns: Pattern) -> "Intersection":
-        flat: list[Pattern] = []
-        for p in patterns:
-            flat.extend(p.parts if isinstance(p, Intersection) else (p,))
-        return cls(tuple(flat))
-
-    @property
-    def translation_invariant(self) -> bool:
-        return all(p.translation_invariant for p in self.parts)
-
-    def prepare(self, n: int) -> None:
-        for p in self.parts:
-            p.prepare(n)
-
-    def _rule(self, q, k):
-        out = self.parts[0]._rule(q, k)
-        for p in self.parts[1:]:
-            out = out & p._rule(q, k)
-        return out
+    @staticmethod
+    def _combine(a, b):
+        return a & b
 
     def key_ranges(self, q_start: int, q_end: int) -> list[Range]:
         ranges = merge_ranges(self.parts[0].key_ranges(q_start, q_end))
