@@ -127,6 +127,23 @@ def _forward_step(model: nn.Module):
     return step
 
 
+RUNTIMES = ("transformers", "lean")
+
+
+def _lean_step(model: nn.Module, max_len: int, batch_size: int):
+    """The same (ids, cache) -> (logits [B, 1, V], cache) contract over `LeanDecoder`."""
+    from sparselm.bench.lean_decode import LeanDecoder
+
+    decoder = LeanDecoder(model, max_len=max_len, batch_size=batch_size)
+
+    def step(ids, cache):
+        if cache is None:
+            decoder.reset()
+        return decoder.step(ids).unsqueeze(1), decoder
+
+    return step
+
+
 def _attention_macs_per_token(model: nn.Module, context: int) -> int:
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
@@ -138,7 +155,8 @@ def _attention_macs_per_token(model: nn.Module, context: int) -> int:
 class _GenerationRun:
     """One model, one prompt: warm-up once, then time prefill + greedy decode on demand."""
 
-    def __init__(self, model: nn.Module, prompt_len: int, new_tokens: int, batch_size: int, seed: int):
+    def __init__(self, model: nn.Module, prompt_len: int, new_tokens: int, batch_size: int, seed: int,
+                 runtime: str = "transformers"):
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if limit and prompt_len + new_tokens > limit:
@@ -150,7 +168,8 @@ class _GenerationRun:
         self.device = next(model.parameters()).device
         g = torch.Generator().manual_seed(seed)
         self.prompt = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=g).to(self.device)
-        self.step = _forward_step(model)
+        self.step = _forward_step(model) if runtime == "transformers" else \
+            _lean_step(model, prompt_len + new_tokens, batch_size)
         self.meter = EnergyMeter(str(self.device))
         self.cuda = self.device.type == "cuda"
         self.prefill_s: list[float] = []
@@ -216,18 +235,21 @@ class _GenerationRun:
 
 def measure_generation(model: nn.Module, variant: str = "dense", *, prompt_len: int = 128,
                        new_tokens: int = 64, batch_size: int = 1, repeats: int = 3, seed: int = 0,
-                       pack_choices: dict | None = None) -> GenerationResult:
+                       pack_choices: dict | None = None, runtime: str = "transformers") -> GenerationResult:
     """Measure one model as it is (see module docstring). Greedy decoding on random prompts."""
     if repeats < 1:
         raise SparselmError(f"repeats must be >= 1, got {repeats}")
-    run = _GenerationRun(model, prompt_len, new_tokens, batch_size, seed)
+    if runtime not in RUNTIMES:
+        raise SparselmError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    run = _GenerationRun(model, prompt_len, new_tokens, batch_size, seed, runtime=runtime)
     for _ in range(repeats):
         run.run_once()
     return run.result(variant, pack_choices)
 
 
 def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int = 1, prompt_len: int = 128,
-                       new_tokens: int = 64, repeats: int = 3, progress: bool = True) -> dict:
+                       new_tokens: int = 64, repeats: int = 3, progress: bool = True,
+                       runtime: str = "transformers") -> dict:
     """Dense vs each packed variant, same prompts, same process. `model` is not modified.
 
     The variants are timed in interleaved rounds (dense, auto, csr, ..., then again), so a
@@ -235,6 +257,8 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
     copy of the model per variant in memory. Returns {"results": [GenerationResult as dict],
     "skipped": {variant: reason}, "energy": note, "kernels": which kernels ran}. A variant that
     cannot apply (e.g. "nm" on a layer that is not 2:4) is skipped with its reason.
+    `runtime`: "transformers" (the model's own forward and cache) or "lean" (`LeanDecoder`: the
+    same modules, a preallocated cache and no framework bookkeeping; Llama-family models).
     """
     from sparselm.kernels.extension import extension_status
     from sparselm.pack.auto import pack
@@ -244,6 +268,8 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
         raise SparselmError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if repeats < 1:
         raise SparselmError(f"repeats must be >= 1, got {repeats}")
+    if runtime not in RUNTIMES:
+        raise SparselmError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     runs, choices, skipped = {}, {}, {}
     for variant in variants:
         candidate = densify(copy.deepcopy(model))
@@ -253,7 +279,7 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
             except SparselmError as err:
                 skipped[variant] = str(err)
                 continue
-        runs[variant] = _GenerationRun(candidate, prompt_len, new_tokens, batch_size, seed=0)
+        runs[variant] = _GenerationRun(candidate, prompt_len, new_tokens, batch_size, seed=0, runtime=runtime)
     for _ in range(repeats):
         for run in runs.values():
             run.run_once()
@@ -262,6 +288,7 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
     return {"results": results, "skipped": skipped, "kernels": extension_status(),
             "threads": torch.get_num_threads(), "batch_size": batch_size, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeats": repeats, "timing": "best of repeats, variants interleaved",
+            "runtime": runtime,
             "energy": "measured" if meter.available else f"cannot measure energy: {meter.reason}"}
 
 
@@ -283,6 +310,7 @@ def generation_table(summary: dict) -> str:
                      f"{r['flops_per_token'] / 1e9:.4f} | {rss} | {energy} | {r['pack_choices'] or '-'} |")
     for variant, reason in summary["skipped"].items():
         lines.append(f"\nskipped {variant}: {reason}")
-    lines.append(f"\nkernels: {summary['kernels']}; threads: {summary['threads']}; batch {summary['batch_size']}, "
+    lines.append(f"\nkernels: {summary['kernels']}; runtime: {summary.get('runtime', 'transformers')}; "
+                 f"threads: {summary['threads']}; batch {summary['batch_size']}, "
                  f"prompt {summary['prompt_len']}, {summary['new_tokens']} new tokens; energy: {summary['energy']}")
     return "\n".join(lines)

@@ -14,6 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported, the median too (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--runtime", choices=("transformers", "lean"), default="transformers",
+                   help="decode through the model's own forward (default) or sparselm's lean loop "
+                        "(same modules, preallocated cache; Llama-family models)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     p.set_defaults(func=run)
 
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load(args.model)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     summary = compare_generation(model, variants, batch_size=args.batch_size, prompt_len=args.prompt_len,
-                                 new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.json)
+                                 new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.json,
+                                 runtime=args.runtime)
     summary["model"] = str(args.model)
     if args.json:
         from sparselm.cli.common import print_json
