@@ -8,8 +8,10 @@ MLP parameters active per token, and the MLP time per token against dense.
   after a short continued training, next to the dense model trained for the same steps
   on the same batches (so the comparison is fair).
 MLP time: forward (inference, no grad) of layer 0's MLP on the calibration tokens'
-real MLP inputs, dense `LlamaMLP` vs the MoE layer (sort-based dispatch), median of
-interleaved rounds, same process. Perplexity: test split, first `--windows` windows.
+real MLP inputs (4096), dense `LlamaMLP` vs the MoE layer (its no-grad inference path,
+routing statistics on, as in use), same process: the median over `--rounds` interleaved
+rounds of the MoE / dense time ratio within a round. Perplexity: test split, first
+`--windows` windows.
 
     nice python benchmarks/bench_moe_conversion.py [--model small] [--upcycle-steps 50]
 Prints a Markdown table, then one JSON line.
@@ -34,18 +36,28 @@ from sparselm.moe.upcycle import upcycle
 from sparselm.zoo import load_builtin
 
 
-def mlp_seconds(modules: dict, x_ND: torch.Tensor, rounds: int = 15) -> dict[str, float]:
-    """Median forward time of each module on x, interleaved rounds, no grad."""
+def mlp_seconds(modules: dict, x_ND: torch.Tensor, rounds: int = 30) -> dict[str, list[float]]:
+    """Forward times of each module on x, no grad: one warm-up call each, then `rounds`
+    interleaved rounds; the module order alternates between rounds, so neither module
+    always runs right after the other (on caches it just filled)."""
     times = {name: [] for name in modules}
+    order = list(modules)
     with torch.no_grad():
         for m in modules.values():
             m(x_ND)
-        for _ in range(rounds):
-            for name, m in modules.items():
+        for r in range(rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
-                m(x_ND)
+                modules[name](x_ND)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def time_ratio(times: dict[str, list[float]], name: str, base: str = "dense") -> float:
+    """Median over rounds of (name's time / base's time in the same round). Robust to the
+    machine's speed drifting during the run (other processes on a shared machine),
+    which a ratio of two medians is not."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
 
 
 def main(argv=None) -> dict:
@@ -57,6 +69,7 @@ def main(argv=None) -> dict:
     p.add_argument("--windows", type=int, default=48, help="test windows for perplexity")
     p.add_argument("--upcycle-steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per MLP pair")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,16 +86,18 @@ def main(argv=None) -> dict:
     for k in [int(v) for v in args.top_ks.split(",")]:
         moe, report = partition(dense, calib, num_experts=args.experts, top_k=k, progress=False)
         ppl = perplexity(moe, test_ids, seq_len, max_windows=args.windows)
-        secs = mlp_seconds({"dense": dense.model.layers[0].mlp, "moe": moe.model.layers[0].mlp}, x_ND)
+        secs = mlp_seconds({"dense": dense.model.layers[0].mlp, "moe": moe.model.layers[0].mlp}, x_ND, args.rounds)
         rows.append({"method": "partition", "k": k, "active": k / args.experts, "ppl": ppl,
-                     "mlp_time": secs["moe"] / secs["dense"], "dense_mlp_us_per_token": secs["dense"] / len(x_ND) * 1e6,
+                     "mlp_time": time_ratio(secs, "moe"),
+                     "dense_mlp_us_per_token": statistics.median(secs["dense"]) / len(x_ND) * 1e6,
+                     "moe_mlp_us_per_token": statistics.median(secs["moe"]) / len(x_ND) * 1e6,
                      "router_recall": sum(r["router_top_k_recall"] for r in report) / len(report)})
 
     moe = upcycle(dense, num_experts=args.experts, top_k=2)
     rows.append({"method": "upcycle (step 0)", "k": 2, "active": 2.0,  # each expert is a full MLP copy
                  "ppl": perplexity(moe, test_ids, seq_len, max_windows=args.windows),
-                 "mlp_time": (lambda s: s["moe"] / s["dense"])(
-                     mlp_seconds({"dense": dense.model.layers[0].mlp, "moe": moe.model.layers[0].mlp}, x_ND))})
+                 "mlp_time": time_ratio(mlp_seconds({"dense": dense.model.layers[0].mlp,
+                                                     "moe": moe.model.layers[0].mlp}, x_ND, args.rounds), "moe")})
     if args.upcycle_steps:
         train_ids = corpus_token_ids(tok, corpus, "train")
         run = dict(steps=args.upcycle_steps, batch_size=8, seq_len=seq_len, lr=5e-4, seed=1, progress=False)

@@ -122,10 +122,14 @@ def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(4, 8, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
-        offsets = torch.tensor([2, 4], device=device, dtype=torch.int32)
-        _contiguous_grad(torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)).sum().backward()
+        # Grad mode forced on: the answer is cached (dispatch.py), and a first call under
+        # torch.no_grad() / inference_mode() would otherwise fail the backward and
+        # turn grouped_mm off for the whole process.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(4, 8, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+            offsets = torch.tensor([2, 4], device=device, dtype=torch.int32)
+            _contiguous_grad(torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)).sum().backward()
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False

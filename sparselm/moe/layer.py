@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from sparselm.errors import SparselmError
-from sparselm.moe.dispatch import DISPATCH_METHODS, dispatch
+from sparselm.moe.dispatch import DISPATCH_METHODS, dispatch, dispatch_inference
 from sparselm.moe.experts import SharedSwiGLU, SwiGLUExperts
 from sparselm.moe.losses import load_balancing_loss, router_z_loss
 from sparselm.moe.metrics import RoutingStats
 from sparselm.moe.router import ExpertChoiceRouter, TopKRouter
+from sparselm.moe.routing import ExpertGroups
 
 ROUTERS = ("top_k", "expert_choice")
 
@@ -83,7 +84,14 @@ class MoEConfig:
 
 
 class MoELayer(nn.Module):
-    """Router -> dispatch to SwiGLU experts -> gate-weighted sum (+ shared expert)."""
+    """Router -> dispatch to SwiGLU experts -> gate-weighted sum (+ shared expert).
+
+    Without grad mode the forward takes an equivalent path without autograd
+    (`_forward_inference`); set `inference_fast_path = False` on a layer to always use
+    the configured dispatch.
+    """
+
+    inference_fast_path = True
 
     def __init__(self, config: MoEConfig, dtype: torch.dtype | None = None):
         super().__init__()
@@ -110,13 +118,17 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])  # [T, D]
-        routing = self.router(x_TD)
-        if self.config.gate_scale != 1.0:
-            routing.gates = routing.gates * self.config.gate_scale
-        out_TD = self._dispatch(x_TD, routing)  # [T, D]
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
-        self.aux_loss = self._router_loss(routing) if torch.is_grad_enabled() else None
+        if self._takes_inference_path(x_TD):
+            out_TD, routing = self._forward_inference(x_TD)
+            self.aux_loss = None
+        else:
+            routing = self.router(x_TD)
+            if self.config.gate_scale != 1.0:
+                routing.gates = routing.gates * self.config.gate_scale
+            out_TD = self._dispatch(x_TD, routing)  # [T, D]
+            if self.shared is not None:
+                out_TD = out_TD + self.shared(x_TD)
+            self.aux_loss = self._router_loss(routing) if torch.is_grad_enabled() else None
         if self.track_stats:
             self.stats.update(routing, x_TD.shape[0])
         if self.training:
@@ -125,6 +137,29 @@ class MoELayer(nn.Module):
 
     def _dispatch(self, x_TD: torch.Tensor, routing) -> torch.Tensor:
         return dispatch(x_TD, routing, self.experts, self.dispatch_method)
+
+    def _takes_inference_path(self, x_TD: torch.Tensor) -> bool:
+        """The no-autograd path runs when nothing can need a gradient (grad mode off:
+        `torch.no_grad()`, `torch.inference_mode()`), so the router losses are not
+        computed either (they are None without grad mode on both paths). Not for the
+        "naive" reference dispatch, subclasses with their own `_dispatch` (expert
+        parallelism), `inference_fast_path = False`, under autocast (its `out=` matmuls
+        do not autocast) or while torch.compile traces."""
+        return (self.inference_fast_path and not torch.is_grad_enabled() and self.dispatch_method != "naive"
+                and type(self)._dispatch is MoELayer._dispatch
+                and not _autocast_on(x_TD.device.type) and not torch.compiler.is_compiling())
+
+    def _forward_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ExpertGroups]:
+        """Same output as the autograd path, with fewer ops (see `top_k_groups` and
+        `dispatch_inference`). Returns the output and the grouped routing, which carries
+        the counts and probs that the statistics and the bias bookkeeping read."""
+        groups = self.router.route_grouped(x_TD, need_probs=self.track_stats)
+        if self.config.gate_scale != 1.0:
+            groups.scale_gates(self.config.gate_scale)
+        out_TD = dispatch_inference(x_TD, groups, self.experts)  # [T, D]
+        if self.shared is not None:
+            out_TD.add_(self.shared(x_TD))
+        return out_TD, groups
 
     def _router_loss(self, routing) -> torch.Tensor:
         cfg = self.config
@@ -143,6 +178,13 @@ class MoELayer(nn.Module):
     def metrics(self) -> dict:
         """Tokens per expert, fraction dropped, load CV, MaxVio, router entropy (since reset)."""
         return self.stats.metrics()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): treat as on
+        return True
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from sparselm.errors import SparselmError
-from sparselm.moe.routing import Routing, expert_capacity, expert_choice_routing, top_k_routing
+from sparselm.moe.routing import (ExpertGroups, Routing, expert_capacity, expert_choice_routing, group_by_expert,
+                                  top_k_groups, top_k_routing)
 
 
 class TopKRouter(nn.Module):
@@ -48,8 +49,20 @@ class TopKRouter(nn.Module):
         logits_TE = x_TD @ self.weight.t()  # [T, E]
         capacity = None if self.capacity_factor is None else expert_capacity(
             x_TD.shape[0], self.top_k, self.num_experts, self.capacity_factor)
-        bias = self.selection_bias if self.bias_update_rate > 0 or bool(self.selection_bias.any()) else None
-        return top_k_routing(logits_TE, self.top_k, self.renormalize, bias, capacity, self.unit_gates)
+        return top_k_routing(logits_TE, self.top_k, self.renormalize, self._active_bias(), capacity, self.unit_gates)
+
+    def route_grouped(self, x_TD: torch.Tensor, need_probs: bool = True) -> ExpertGroups:
+        """The same routing as `forward`, grouped by expert, for inference without
+        gradients: dropless routing takes the cheaper `top_k_groups`; with a capacity,
+        `forward`'s assignments are sorted by expert."""
+        if self.capacity_factor is not None:
+            return group_by_expert(self(x_TD), self.num_experts)
+        logits_TE = x_TD @ self.weight.t()  # [T, E]
+        return top_k_groups(logits_TE, self.top_k, self.renormalize, self._active_bias(), self.unit_gates, need_probs)
+
+    def _active_bias(self) -> torch.Tensor | None:
+        """The selection bias when balancing is on or the bias was trained, else None."""
+        return self.selection_bias if self.bias_update_rate > 0 or bool(self.selection_bias.any()) else None
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:
@@ -82,6 +95,10 @@ class ExpertChoiceRouter(nn.Module):
         logits_TE = x_TD @ self.weight.t()  # [T, E]
         capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         return expert_choice_routing(logits_TE, capacity)
+
+    def route_grouped(self, x_TD: torch.Tensor, need_probs: bool = True) -> ExpertGroups:
+        """`forward`'s routing grouped by expert (inference without gradients)."""
+        return group_by_expert(self(x_TD), self.num_experts)
 
     def update_bias(self, load_E: torch.Tensor) -> None:
         """Expert choice is balanced by construction: nothing to update."""
