@@ -3,12 +3,14 @@
 Run: python benchmarks/bench_structured.py [--heal STEPS] [--quick]
 Prints Markdown tables, then one JSON line last. Everything is compared in the same run:
 - 50% of MLP neurons removed (activation-weighted scores): time of the MLPs of all blocks
-  (median of 25 interleaved rounds, 2048 tokens), decode tokens/s (greedy, KV cache, batch 1 and 16), perplexity on the
-  test split before and after a distillation heal;
+  (median of 25 interleaved rounds, 2048 tokens), decode tokens/s (greedy, KV cache, batch 1 and 16,
+  through the transformers forward; batch 1 also through sparselm's lean decode loop, dense and
+  pruned alternating over 7 rounds, median of the per-round ratios), perplexity on the test split
+  before and after a distillation heal;
 - two decoder layers removed: by block influence re-measured after each removal (sparselm's
   default) and measured once (ShortGPT), vs at random (mean of 5 seeds) vs the last two;
 - width pruning at the same 50% of MLP neurons with Torch-Pruning (`torch-pruning` package,
-  its group L2-magnitude importance), if it runs on the model.
+  its group L2-magnitude importance; `pip install -e ".[peers]"`), if it is installed and runs on the model.
 """
 from __future__ import annotations
 
@@ -50,6 +52,19 @@ def mlp_times(models: dict, tokens: int = 2048, rounds: int = 25) -> dict[str, f
 
 def decode_speed(model, batch: int) -> float:
     return measure_generation(model, prompt_len=32, new_tokens=64, batch_size=batch, repeats=5).decode_tokens_per_s
+
+
+def lean_decode_ratio(base, variant, rounds: int = 7) -> tuple[float, float, float]:
+    """Batch-1 decode through the lean loop, base and variant alternating: (base tok/s, variant
+    tok/s, median per-round ratio variant / base)."""
+    speeds = {"base": [], "variant": []}
+    for r in range(rounds):
+        order = [("base", base), ("variant", variant)]
+        for key, model in order if r % 2 == 0 else order[::-1]:
+            speeds[key].append(measure_generation(model, prompt_len=32, new_tokens=64, batch_size=1, repeats=2,
+                                                  runtime="lean").decode_tokens_per_s)
+    ratio = statistics.median(v / b for v, b in zip(speeds["variant"], speeds["base"]))
+    return statistics.median(speeds["base"]), statistics.median(speeds["variant"]), ratio
 
 
 def torch_pruning_width(model, ratio: float, example: torch.Tensor):
@@ -97,6 +112,7 @@ def main() -> None:
     report = shrink(pruned, calib, neurons=0.5, score="activation", progress=False)
     neurons = {"ppl": ppl(pruned), "decode_b1": decode_speed(pruned, 1),
                "decode_b16": decode_speed(pruned, 16), "params": report.params_after}
+    dense["decode_b1_lean"], neurons["decode_b1_lean"], lean_ratio = lean_decode_ratio(model, pruned)
     taylor = copy.deepcopy(model)
     shrink(taylor, calib, neurons=0.5, score="taylor", progress=False)
     neurons["ppl_taylor"] = ppl(taylor)
@@ -156,6 +172,9 @@ def main() -> None:
     else:
         print(f"| Torch-Pruning 50% (group L2 magnitude) | {tp_result['params']:,} | {tp_result['ppl']:.2f} | "
               f"{tp_result['ppl_healed']:.2f} | {tp_result['mlp_s'] / dense['mlp_s']:.2f}x | - | - |")
+    print(f"\nBatch-1 decode through the lean loop (dense and pruned alternating): dense "
+          f"{dense['decode_b1_lean']:.1f} tok/s, 50% neurons {neurons['decode_b1_lean']:.1f} tok/s, "
+          f"{lean_ratio:.2f}x (median of per-round ratios; target 1.3x: {'met' if lean_ratio >= 1.3 else 'NOT met'})")
     print(f"\nHealing: {args.heal} distillation steps (batch 8 x {seq_len}) against the dense model's logits.\n")
     print("| two layers removed | layers | ppl |")
     print("| --- | --- | ---: |")
@@ -170,6 +189,7 @@ def main() -> None:
                       "ratios": {"mlp_time": neurons["mlp_s"] / dense["mlp_s"],
                                  "decode_b1": neurons["decode_b1"] / dense["decode_b1"],
                                  "decode_b16": neurons["decode_b16"] / dense["decode_b16"],
+                                 "decode_b1_lean": lean_ratio,
                                  "ppl_bi_vs_random": layers["ppl_bi"] / layers["ppl_random_mean"],
                                  "ppl_bi_vs_last2": layers["ppl_bi"] / layers["ppl_last2"],
                                  "ppl_iterative_vs_random": layers["ppl_iterative"] / layers["ppl_random_mean"],

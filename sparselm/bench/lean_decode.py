@@ -9,6 +9,14 @@ so it hides what a sparse or smaller weight saves. `LeanDecoder` runs the same m
 layer, which is what a lean serving loop does. Its logits equal the transformers forward's
 (tested), so speed measured through it is the speed of the same model.
 
+Single-token steps of fp32 models on CPU go further when the C++ extension is built: the whole
+stack of blocks runs in one call (`DecodeStack`, kernels/csrc/decode_step.cpp), the norms,
+rotary embedding, cache writes and attention as plain loops, each projection through the
+matmul its module would call (`at::linear` for `nn.Linear`, the packed kernels for
+`SparseLinear`). Dense and packed models take the same path, so the per-step cost they share
+shrinks and what their weights cost is what differs. Prefill, other dtypes, other projection
+modules or a model the stack does not fit run the Python loop; `fast_path_reason` says why.
+
 Supported: the llama, mistral and qwen2 adapter families with full attention (no sliding
 window inside the decoded length), rotary position embeddings computed by the model's own
 rotary module (so every rope scaling variant the model uses is honoured).
@@ -38,7 +46,7 @@ class LeanDecoder:
         dec.reset()                        # start a new sequence
     """
 
-    def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1):
+    def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, fast: bool = True):
         from sparselm.adapters import get_adapter
 
         adapter = get_adapter(model)
@@ -67,6 +75,45 @@ class LeanDecoder:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=param.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=param.device)
         self.max_len, self.batch_size, self.pos = max_len, batch_size, 0
+        self._stack, self.fast_path_reason = (None, "turned off (fast=False)") if not fast else \
+            self._build_stack(cfg)
+
+    def _build_stack(self, cfg) -> tuple[object | None, str | None]:
+        """The C++ decode stack for single-token steps, or None and the reason it cannot run."""
+        from sparselm.kernels import load_extension
+
+        ext = load_extension()
+        if ext is None or not hasattr(ext, "DecodeStack"):
+            return None, "the C++ extension is not built"
+        if self.k_cache.dtype != torch.float32 or self.k_cache.device.type != "cpu":
+            return None, f"the C++ decode step takes fp32 models on CPU, this one is {self.k_cache.dtype} on " \
+                         f"{self.k_cache.device.type}"
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            return None, f"the C++ decode step implements SiLU MLPs, the model uses {cfg.hidden_act!r}"
+        positions = torch.arange(self.max_len, device=self.k_cache.device).unsqueeze(0)
+        with torch.inference_mode():
+            probe = torch.zeros(1, self.max_len, cfg.hidden_size)
+            cos, sin = self.inner.rotary_emb(probe, positions)  # [1, max_len, hd]
+        if cos.shape[-1] != self.head_dim:
+            return None, "the rotary table does not cover the whole head dim (partial rotary)"
+        stack = ext.DecodeStack(self.heads, self.kv_heads, self.head_dim, float(self.scaling),
+                                cos[0].float().contiguous(), sin[0].float().contiguous(), self.k_cache, self.v_cache)
+        for i, layer in enumerate(self.layers):
+            norms = [_rms_norm_parts(layer.input_layernorm), _rms_norm_parts(layer.post_attention_layernorm)]
+            attn, mlp = layer.self_attn, layer.mlp
+            modules = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                      [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+            specs = [_projection_spec(m) for m in modules]
+            if None in norms:
+                return None, f"layer {i}: a norm is not an RMSNorm with weight and epsilon"
+            if None in specs:
+                bad = modules[specs.index(None)]
+                return None, f"layer {i}: projection {type(bad).__name__} is neither nn.Linear (fp32) nor SparseLinear"
+            try:
+                stack.add_block(norms[0][0], norms[0][1], norms[1][0], norms[1][1], specs)
+            except RuntimeError as err:  # shapes the stack does not fit (e.g. per-layer head counts)
+                return None, f"layer {i}: {str(err).splitlines()[0]}"
+        return stack, None
 
     def reset(self) -> None:
         self.pos = 0
@@ -82,6 +129,10 @@ class LeanDecoder:
             raise SparselmError(f"{end} positions exceed the cache of {self.max_len}; build the decoder with a "
                                 f"larger max_len")
         x = self.inner.embed_tokens(ids)  # [B, T, D]
+        if T == 1 and self._stack is not None:
+            x = self._stack.step(x.view(B, -1), start).view(B, 1, -1)  # every block, one C++ call
+            self.pos = end
+            return self.head(self.inner.norm(x))[:, -1]  # [B, V]
         positions = torch.arange(start, end, device=ids.device).unsqueeze(0)  # [1, T]
         cos, sin = self.inner.rotary_emb(x, positions)  # [1, T, hd]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, T, hd]
@@ -105,3 +156,33 @@ class LeanDecoder:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.pos = end
         return self.head(self.inner.norm(x[:, -1:]))[:, -1]  # [B, V]
+
+
+def _rms_norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a Llama-style RMSNorm (x / rms(x) * weight, computed in fp32), else None."""
+    eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor) or not type(norm).__name__.endswith("RMSNorm") \
+            or weight.dtype != torch.float32:
+        return None
+    return weight.detach(), float(eps)
+
+
+def _projection_spec(module: nn.Module | None):
+    """How `DecodeStack` runs a projection: (kind, tensors, bias, in, out, n, m), or None."""
+    from sparselm.pack import SparseLinear
+
+    if isinstance(module, SparseLinear):
+        buf = module._buffers
+        if not buf["values"].is_cpu or buf["values"].dtype not in (torch.float32, torch.bfloat16):
+            return None
+        kind, names = {"csr": (1, ("crow_indices", "col_indices", "values")),
+                       "bitmask": (2, ("mask", "row_offsets", "values")),
+                       "nm": (3, ("indices", "values"))}[module.format]
+        bias = module._parameters.get("bias")
+        return (kind, [buf[n] for n in names], None if bias is None else bias.detach(), module.in_features,
+                module.out_features, module.n or 0, module.m or 0)
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.is_cpu:
+        bias = None if module.bias is None else module.bias.detach()
+        return (0, [module.weight.detach()], bias, module.in_features, module.out_features, 0, 0)
+    return None

@@ -7,7 +7,7 @@ import torch
 
 from sparselm.bench.lean_decode import LeanDecoder
 from sparselm.errors import SparselmError
-from sparselm.pack import pack
+from sparselm.pack import SparseLinear, pack
 from sparselm.prune import Magnitude, sparsify
 from tests.conftest import random_llama
 
@@ -90,3 +90,66 @@ def test_generation_benchmark_runs_through_the_lean_loop():
     assert all(r["decode_tokens_per_s"] > 0 for r in summary["results"])
     with pytest.raises(SparselmError, match="runtime"):
         compare_generation(model, ["dense"], runtime="vllm")
+
+
+needs_extension = pytest.mark.skipif(
+    __import__("sparselm.kernels", fromlist=["load_extension"]).load_extension() is None,
+    reason="the C++ decode step needs the kernel extension")
+
+
+def decode_logits(model, ids, steps, fast):
+    """Prefill ids, then `steps` greedy single-token steps: the logits of every step."""
+    dec = LeanDecoder(model, max_len=ids.shape[1] + steps + 1, batch_size=ids.shape[0], fast=fast)
+    out = [dec.step(ids)]
+    for _ in range(steps):
+        out.append(dec.step(out[-1].argmax(-1, keepdim=True)))
+    return dec, torch.stack(out)
+
+
+@needs_extension
+@pytest.mark.parametrize("fmt", ["dense", "bitmask", "csr", "nm", "mixed"])
+def test_cpp_decode_step_equals_the_python_loop(fmt):
+    model = random_llama(seed=4, num_key_value_heads=2, attention_bias=True)
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.bias.data.normal_()
+    sparsify(model, Magnitude(sparsity=0.5, pattern="2:4" if fmt in ("nm", "mixed") else "unstructured"),
+             progress=False)
+    if fmt == "mixed":  # csr everywhere but one N:M layer, and one projection left dense
+        up = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        pack(model, "csr", progress=False)
+        model.model.layers[0].mlp.up_proj = SparseLinear.from_dense(up, "nm", n=2, m=4)
+        model.model.layers[1].self_attn.o_proj = torch.nn.Linear(64, 64, bias=False)
+    elif fmt != "dense":
+        pack(model, fmt, progress=False)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    fast_dec, fast = decode_logits(model, ids, 6, fast=True)
+    slow_dec, slow = decode_logits(model, ids, 6, fast=False)
+    assert fast_dec.fast_path_reason is None and slow_dec.fast_path_reason is not None
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    # and the stack's keys and values are the ones the Python loop caches
+    torch.testing.assert_close(fast_dec.k_cache, slow_dec.k_cache, rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+def test_cpp_decode_step_takes_per_layer_widths():
+    """A model whose MLP widths differ per layer (structured pruning) runs through the C++ step."""
+    from sparselm.structured import shrink
+
+    model = random_llama(seed=5)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    shrink(model, ids, neurons=[0.25, 0.5], progress=False)
+    assert model.model.layers[0].mlp.down_proj.in_features != model.model.layers[1].mlp.down_proj.in_features
+    fast_dec, fast = decode_logits(model, ids[:1, :5], 4, fast=True)
+    _, slow = decode_logits(model, ids[:1, :5], 4, fast=False)
+    assert fast_dec.fast_path_reason is None
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@needs_extension
+def test_cpp_decode_step_says_why_it_is_not_used():
+    model = random_llama(seed=6).to(torch.bfloat16)
+    assert "fp32" in LeanDecoder(model, max_len=8).fast_path_reason
+    model = random_llama(seed=6)
+    model.model.layers[1].mlp.down_proj = torch.nn.Sequential(model.model.layers[1].mlp.down_proj)
+    reason = LeanDecoder(model, max_len=8).fast_path_reason
+    assert "layer 1" in reason and "Sequential" in reason

@@ -1,6 +1,9 @@
 // Python bindings of the sparse CPU kernels (built by sparselm/kernels/extension.py).
 #include <torch/python.h>  // pybind11 and the Tensor type casters, without the C++ frontend
 
+#include <pybind11/stl.h>
+
+#include "decode_step.h"
 #include "kernel_common.h"
 
 namespace sparselm {
@@ -32,5 +35,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &sparselm::dense_gemv, "x[1,K] @ W.T, dense, same threads as the sparse kernels");
   m.def("obs_prune_block", &sparselm::obs_prune_block,
         "SparseGPT's column loop over one block, row-parallel, in place (W, prune, err)");
+  pybind11::class_<sparselm::DecodeStack>(m, "DecodeStack",
+                                          "one decode position through Llama-style blocks in one call")
+      .def(pybind11::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_block", &sparselm::DecodeStack::add_block)
+      .def("step", &sparselm::DecodeStack::step, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks);
   m.def("compiled_with_avx512", &sparselm::compiled_with_avx512, "whether the AVX-512 paths were compiled");
 }

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -47,8 +48,18 @@ inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 // the cores), so layers with less work than this many multiply-adds run on one thread.
 constexpr int64_t kMinParallelWork = 1 << 18;
 
+// SPARSELM_MIN_PARALLEL_WORK overrides it (read once): lower it when OpenMP threads spin
+// between regions (OMP_WAIT_POLICY=active), where a second thread costs about a microsecond.
+inline int64_t min_parallel_work() {
+  static const int64_t v = [] {
+    const char* s = std::getenv("SPARSELM_MIN_PARALLEL_WORK");
+    return s ? std::atoll(s) : kMinParallelWork;
+  }();
+  return v;
+}
+
 inline int num_threads_for(int64_t work) {
-  if (work < kMinParallelWork) return 1;
+  if (work < min_parallel_work()) return 1;
   return at::get_num_threads();
 }
 

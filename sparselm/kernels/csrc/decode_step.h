@@ -1,0 +1,62 @@
+// One decode position (T = 1) through a stack of Llama-style decoder blocks in one C++ call.
+//
+// At batch 1 a small model's decode step is mostly interpreter work: every norm, rotation,
+// cache write and residual add is a Python-level PyTorch call of a few microseconds, about a
+// hundred per block, which together cost more than the block's weights. `DecodeStack` runs the
+// same arithmetic (RMSNorm in fp32, rotary embedding from the model's own cos/sin table,
+// in-place KV cache, softmax attention with grouped KV heads, SwiGLU MLP, residuals) in plain
+// loops, and each projection through the same matmul the Python forward would call: dense
+// weights through ATen's `at::linear` (what `nn.Linear` runs), packed weights through the
+// sparse kernels. Dense and packed models pay the same per-step cost, so what differs
+// between them is what the weights cost. fp32 activations only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace sparselm {
+
+// kind: 0 dense ([weight]), 1 CSR ([crow, col, values]), 2 bitmask ([mask, offsets, values]),
+// 3 N:M compressed ([indices, values]).
+struct Projection {
+  int64_t kind = 0;
+  std::vector<at::Tensor> tensors;
+  std::optional<at::Tensor> bias;
+  int64_t in_features = 0, out_features = 0, n = 0, m = 0;
+  at::Tensor operator()(const at::Tensor& x) const;  // [B, in] -> [B, out]
+};
+
+using ProjectionSpec = std::tuple<int64_t, std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t,
+                                  int64_t, int64_t>;
+
+struct DecodeBlock {
+  at::Tensor norm1, norm2;  // RMSNorm weights [D]
+  double eps1 = 1e-6, eps2 = 1e-6;
+  Projection q, k, v, o, gate, up, down;
+};
+
+class DecodeStack {
+ public:
+  // cos, sin: [max_len, head_dim] fp32 (the model's rotary table); k_cache, v_cache:
+  // [L, B, Hkv, max_len, head_dim] fp32, shared with the caller (prefill writes them).
+  DecodeStack(int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, at::Tensor cos, at::Tensor sin,
+              at::Tensor k_cache, at::Tensor v_cache);
+  // projections in the order q, k, v, o, gate, up, down.
+  void add_block(at::Tensor norm1, double eps1, at::Tensor norm2, double eps2,
+                 const std::vector<ProjectionSpec>& projections);
+  // x: [B, D] hidden states of the token at position `pos`; returns the stack's output [B, D].
+  at::Tensor step(at::Tensor x, int64_t pos) const;
+  int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
+
+ private:
+  int64_t heads_, kv_heads_, head_dim_;
+  double scaling_;
+  at::Tensor cos_, sin_, k_cache_, v_cache_;
+  std::vector<DecodeBlock> blocks_;
+};
+
+}  // namespace sparselm
