@@ -28,6 +28,22 @@ def l3_cache_bytes(default: int = 32 * 2**20) -> int:
     return best or default
 
 
+def cache_bytes(level: int, default: int) -> int:
+    """Size of one core's data (or unified) cache at `level` (1, 2, 3) from sysfs, else `default`."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if int((index / "level").read_text()) != level or (index / "type").read_text().strip() == "Instruction":
+                continue
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            return int(digits) * scale
+    return default
+
+
 def cold_copies(bytes_per_copy: int, l3_bytes: int | None = None, max_copies: int = 64,
                 max_total_bytes: int = 6 * 2**30) -> int:
     """Copies to rotate so the bytes touched between two uses of one copy exceed twice the L3.
