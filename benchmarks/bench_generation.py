@@ -19,6 +19,12 @@ fastest packed run over both policies, both runtimes and both thread counts.
 
     python benchmarks/bench_generation.py [--model small] [--new-tokens 64] [--repeats 3]
     python benchmarks/bench_generation.py --policy passive     # one policy, this process
+    python benchmarks/bench_generation.py --shape 1024x8        # random Llama larger than the L3 cache
+
+`--shape HIDDENxLAYERS` builds a randomly initialised Llama of that size instead (MLP 2.75x
+hidden, head dim 64, vocabulary 8192) and prunes it by magnitude: decode speed does not depend
+on what the weights learned, and a model whose weights exceed the last-level cache shows the
+memory-bound regime that the 15 MB built-in model never reaches. No perplexity then.
 """
 import os
 import sys
@@ -77,6 +83,25 @@ def run_policies(argv: list[str]) -> None:
                       "runs": runs}))
 
 
+def random_llama(shape: str):
+    """A randomly initialised fp32 LlamaForCausalLM of `shape` = "HIDDENxLAYERS"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparselm.errors import SparselmError
+
+    try:
+        hidden, layers = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise SparselmError(f"--shape takes HIDDENxLAYERS, e.g. 1024x8; got {shape!r}") from None
+    if hidden < 64 or hidden % 64 or layers < 1:
+        raise SparselmError(f"--shape {shape}: hidden must be a multiple of 64 (head dim) and layers >= 1")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=8192,
+                      max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small", help="built-in name or model folder (default small)")
@@ -85,6 +110,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shape", default=None, help="HIDDENxLAYERS: a random Llama of this size instead")
     parser.add_argument("--policy", choices=("both", "passive", "active"), default="both",
                         help="OpenMP wait policy: both (default: one process each) or this process with one")
     args = parser.parse_args()
@@ -99,21 +125,30 @@ def main():
     from sparselm.evaluate import perplexity
     from sparselm.io import load
     from sparselm.pack import pack
-    from sparselm.prune import SparseGPT, sparsify
+    from sparselm.prune import Magnitude, SparseGPT, sparsify
 
-    model, tok = load(args.model)
-    context = model.config.max_position_embeddings
-    corpus = load_corpus(None)
     start = time.perf_counter()
-    calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
-    sparsify(model, SparseGPT(sparsity=args.sparsity), calib, progress=False)
+    if args.shape:
+        model = random_llama(args.shape)
+        args.model = f"random Llama {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)"
+        sparsify(model, Magnitude(sparsity=args.sparsity), progress=False)
+        method = "magnitude"
+    else:
+        model, tok = load(args.model)
+        context = model.config.max_position_embeddings
+        corpus = load_corpus(None)
+        calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
+        sparsify(model, SparseGPT(sparsity=args.sparsity), calib, progress=False)
+        method = "SparseGPT"
     prune_s = time.perf_counter() - start
-    test_ids = corpus_token_ids(tok, corpus, "test")
-    ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
-    packed = copy.deepcopy(model)
-    pack(packed, "bitmask", progress=False)
-    ppl_packed = perplexity(packed, test_ids, seq_len=min(256, context), max_windows=16)
-    del packed
+    ppl_dense = ppl_packed = None
+    if not args.shape:
+        test_ids = corpus_token_ids(tok, corpus, "test")
+        ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
+        packed = copy.deepcopy(model)
+        pack(packed, "bitmask", progress=False)
+        ppl_packed = perplexity(packed, test_ids, seq_len=min(256, context), max_windows=16)
+        del packed
 
     # Every variant at one thread and at --threads: with passive OpenMP waiting (needed on shared
     # cores), PyTorch's multi-threaded GEMV wakes its threads for every tiny decode layer, which
@@ -144,8 +179,9 @@ def main():
     speedup = best["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
     memory = smallest["weight_bytes"] / dense["weight_bytes"]
     linear_memory = smallest["linear_weight_bytes"] / dense["linear_weight_bytes"]
-    print(f"model {args.model}: SparseGPT {args.sparsity:.0%} in {prune_s:.1f} s; test perplexity (16 windows) "
-          f"dense-executed {ppl_dense:.3f}, bitmask-packed {ppl_packed:.3f}; load average "
+    quality = "no perplexity (random weights)" if ppl_dense is None else \
+        f"test perplexity (16 windows) dense-executed {ppl_dense:.3f}, bitmask-packed {ppl_packed:.3f}"
+    print(f"model {args.model}: {method} {args.sparsity:.0%} in {prune_s:.1f} s; {quality}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for (runtime, threads), summ in summaries.items():
         print(f"\n{runtime} runtime, {threads} thread(s):\n")
