@@ -7,8 +7,12 @@ Compared in the same run against
   practical ceiling,
 - the Mixtral sparse MoE block of `transformers` (random init from `MixtralConfig`, its
   default experts implementation), same shapes.
-Methods are timed in interleaved rounds (median), so a busy machine slows all alike.
-Prints a Markdown table, then one JSON line.
+Methods are timed in interleaved rounds; each ratio is the median over rounds of the ratio of
+two methods' times within a round (robust to the machine's speed drifting during the run), the
+ms column the median time. Freed buffers of these sizes go back to the OS and page-fault in again
+on the next step; run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000` (glibc) to
+keep them, which is what a tuned allocator (jemalloc, tcmalloc) gives, and the setting the
+process reports. Prints a Markdown table, then one JSON line.
 
     python benchmarks/bench_moe_dispatch.py [--tokens 4096] [--rounds 5] [--threads N]
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -61,7 +66,7 @@ def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def bench_dtype(args, dtype: torch.dtype) -> dict[str, float]:
+def bench_dtype(args, dtype: torch.dtype) -> dict[str, list[float]]:
     candidates = build_candidates(args.dim, args.hidden, args.experts, args.top_k, dtype)
     torch.manual_seed(1)
     x = torch.randn(1, args.tokens, args.dim, dtype=dtype)
@@ -72,7 +77,12 @@ def bench_dtype(args, dtype: torch.dtype) -> dict[str, float]:
     for _ in range(args.rounds):
         for name, module in candidates.items():
             times[name].append(step(module, x, grad))
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: [v * 1e3 for v in t] for name, t in times.items()}
+
+
+def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of name's time / base's time in the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def main(argv=None) -> dict:
@@ -82,7 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=1408)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -91,20 +101,24 @@ def main(argv=None) -> dict:
     results = {}
     print(f"MoE dispatch, forward+backward, T={args.tokens} D={args.dim} E={args.experts} "
           f"K={args.top_k} F={args.hidden}, dense F={args.top_k * args.hidden}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__} (dense baseline: torch default CPU GEMM)\n")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__} (dense baseline: torch default CPU GEMM); "
+          f"glibc MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}\n")
     print("| dtype | method | ms | speedup vs naive | time / dense | time / mixtral_hf |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        ms = bench_dtype(args, dtype)
+        times = bench_dtype(args, dtype)
         results[dtype_name] = {}
-        for name, t in ms.items():
-            row = {"ms": round(t, 2), "speedup_vs_naive": round(ms["moe_naive"] / t, 3),
-                   "time_vs_dense": round(t / ms["dense_swiglu"], 3), "time_vs_mixtral": round(t / ms["mixtral_hf"], 3)}
+        for name, ts in times.items():
+            t = statistics.median(ts)
+            row = {"ms": round(t, 2), "speedup_vs_naive": round(ratio(times, "moe_naive", name), 3),
+                   "time_vs_dense": round(ratio(times, name, "dense_swiglu"), 3),
+                   "time_vs_mixtral": round(ratio(times, name, "mixtral_hf"), 3)}
             results[dtype_name][name] = row
             print(f"| {dtype_name} | {name} | {t:.1f} | {row['speedup_vs_naive']:.2f}x | "
                   f"{row['time_vs_dense']:.2f} | {row['time_vs_mixtral']:.2f} |")
     summary = {"benchmark": "moe_dispatch", "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
-               "top_k": args.top_k, "hidden": args.hidden, "threads": torch.get_num_threads(), "results": results}
+               "top_k": args.top_k, "hidden": args.hidden, "threads": torch.get_num_threads(),
+               "malloc_mmap_max": os.environ.get("MALLOC_MMAP_MAX_"), "results": results}
     print(json.dumps(summary))
     return summary
 
