@@ -16,6 +16,8 @@ matmul its module would call (`at::linear` for `nn.Linear`, the packed kernels f
 `SparseLinear`). Dense and packed models take the same path, so the per-step cost they share
 shrinks and what their weights cost is what differs. Prefill, other dtypes, other projection
 modules or a model the stack does not fit run the Python loop; `fast_path_reason` says why.
+The stack reads the modules' weight tensors in place: build the decoder after the model is final
+(packing or replacing a module afterwards is not seen by an existing decoder).
 
 Supported: the llama, mistral and qwen2 adapter families with full attention (no sliding
 window inside the decoded length), rotary position embeddings computed by the model's own
