@@ -55,10 +55,17 @@ def run(args: argparse.Namespace) -> int:
                                  new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.json,
                                  runtime=args.runtime)
     summary["model"] = str(args.model)
+    import os
+
+    summary["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     if args.json:
         from sparselm.cli.common import print_json
 
         print_json(summary)
     else:
         print(generation_table(summary))
+        if (summary["omp_wait_policy"] or "").lower() == "passive" and torch.get_num_threads() > 1:
+            print("OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=passive, robust on "
+                  "shared cores), so multi-threaded dense GEMVs pay a wake-up per layer at small batch; on a "
+                  "dedicated machine also run with OMP_WAIT_POLICY=active, or --threads 1, before comparing.")
     return 0
