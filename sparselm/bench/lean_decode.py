@@ -92,6 +92,9 @@ class LeanDecoder:
                          f"{self.k_cache.device.type}"
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return None, f"the C++ decode step implements SiLU MLPs, the model uses {cfg.hidden_act!r}"
+        rope_type = str(getattr(self.inner.rotary_emb, "rope_type", "default"))
+        if "dynamic" in rope_type:  # frequencies depend on the longest position seen so far
+            return None, f"rope type {rope_type!r} rescales with the sequence length; the C++ step uses a fixed table"
         positions = torch.arange(self.max_len, device=self.k_cache.device).unsqueeze(0)
         with torch.inference_mode():
             probe = torch.zeros(1, self.max_len, cfg.hidden_size)

@@ -153,3 +153,5 @@ def test_cpp_decode_step_says_why_it_is_not_used():
     model.model.layers[1].mlp.down_proj = torch.nn.Sequential(model.model.layers[1].mlp.down_proj)
     reason = LeanDecoder(model, max_len=8).fast_path_reason
     assert "layer 1" in reason and "Sequential" in reason
+    model = random_llama(seed=6, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert "dynamic" in LeanDecoder(model, max_len=8).fast_path_reason
