@@ -15,10 +15,11 @@ OpenMP's wait policy decides how much a multi-threaded decode step pays to wake 
 every small layer (passive: threads sleep, each wake-up costs microseconds; active: they spin),
 and it can only be set before the process starts. By default the benchmark therefore runs
 itself once per policy (`--policy both`) and judges the target on the fastest dense run and the
-fastest packed run over both policies, both runtimes and both thread counts.
+fastest packed run over both policies, both runtimes and both thread counts; `--policy passive`
+(or active) runs just that one.
 
     python benchmarks/bench_generation.py [--model small] [--new-tokens 64] [--repeats 3]
-    python benchmarks/bench_generation.py --policy passive     # one policy, this process
+    python benchmarks/bench_generation.py --policy passive     # one policy only
     python benchmarks/bench_generation.py --shape 1024x8        # random Llama larger than the L3 cache
 
 `--shape HIDDENxLAYERS` builds a randomly initialised Llama of that size instead (MLP 2.75x
@@ -26,28 +27,23 @@ hidden, head dim 64, vocabulary 8192) and prunes it by magnitude: decode speed d
 on what the weights learned, and a model whose weights exceed the last-level cache shows the
 memory-bound regime that the 15 MB built-in model never reaches. No perplexity then.
 """
-import os
-import sys
-
-if "--policy" in sys.argv and sys.argv.index("--policy") + 1 < len(sys.argv):
-    _policy = sys.argv[sys.argv.index("--policy") + 1]
-    if _policy in ("passive", "active"):  # before torch starts OpenMP: see ALGORITHMS.md
-        os.environ["OMP_WAIT_POLICY"] = _policy
-
 import argparse
 import copy
 import json
+import os
 import subprocess
+import sys
 import time
 
 import torch
 
 
-def run_policies(argv: list[str]) -> None:
-    """Run this benchmark once per OpenMP wait policy (each in its own process), print their
-    tables, and judge the target on the best dense and best packed run over all of them."""
+def run_policies(argv: list[str], policies: list[str]) -> None:
+    """Run this benchmark once per OpenMP wait policy, each in its own process started with
+    OMP_WAIT_POLICY set (OpenMP reads it once, at start-up), print their tables, and judge the
+    target on the best dense and best packed run over all of them. `argv` without --policy."""
     runs = {}
-    for policy in ("passive", "active"):
+    for policy in policies:
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--policy", policy]
         out = subprocess.run(cmd, env=dict(os.environ, OMP_WAIT_POLICY=policy), capture_output=True, text=True)
         if out.returncode != 0:
@@ -83,6 +79,19 @@ def run_policies(argv: list[str]) -> None:
                       "runs": runs}))
 
 
+def _without_policy(argv: list[str]) -> list[str]:
+    """argv minus any "--policy X" / "--policy=X"."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--policy":
+            skip = True
+        elif not arg.startswith("--policy="):
+            out.append(arg)
+    return out
+
+
 def random_llama(shape: str):
     """A randomly initialised fp32 LlamaForCausalLM of `shape` = "HIDDENxLAYERS"."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,9 +123,9 @@ def main():
     parser.add_argument("--policy", choices=("both", "passive", "active"), default="both",
                         help="OpenMP wait policy: both (default: one process each) or this process with one")
     args = parser.parse_args()
-    if args.policy == "both":
-        run_policies([a for i, a in enumerate(sys.argv[1:]) if a != "--policy" and
-                      (i == 0 or sys.argv[i] != "--policy")])
+    if os.environ.get("OMP_WAIT_POLICY") != args.policy:  # not yet in a process started with it
+        policies = ["passive", "active"] if args.policy == "both" else [args.policy]
+        run_policies(_without_policy(sys.argv[1:]), policies)
         return
     torch.set_num_threads(args.threads)
 
@@ -125,11 +134,15 @@ def main():
     from sparselm.evaluate import perplexity
     from sparselm.io import load
     from sparselm.pack import pack
+    from sparselm.errors import SparselmError
     from sparselm.prune import Magnitude, SparseGPT, sparsify
 
     start = time.perf_counter()
     if args.shape:
-        model = random_llama(args.shape)
+        try:
+            model = random_llama(args.shape)
+        except SparselmError as err:
+            parser.error(str(err))
         args.model = f"random Llama {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)"
         sparsify(model, Magnitude(sparsity=args.sparsity), progress=False)
         method = "magnitude"

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from sparselm.bench.timing import alternating_rounds, median_ratio
 from sparselm.data import calibration, load_corpus
 from sparselm.data.tokens import corpus_token_ids
 from sparselm.evaluate import model_context, perplexity
@@ -37,27 +38,19 @@ from sparselm.zoo import load_builtin
 
 
 def mlp_seconds(modules: dict, x_ND: torch.Tensor, rounds: int = 30) -> dict[str, list[float]]:
-    """Forward times of each module on x, no grad: one warm-up call each, then `rounds`
-    interleaved rounds; the module order alternates between rounds, so neither module
-    always runs right after the other (on caches it just filled)."""
-    times = {name: [] for name in modules}
-    order = list(modules)
+    """Forward seconds of each module on x, no grad: one warm-up call each, then `rounds`
+    alternating rounds (`alternating_rounds`)."""
+    def timed(module):
+        def call() -> float:
+            start = time.perf_counter()
+            module(x_ND)
+            return time.perf_counter() - start
+        return call
+
     with torch.no_grad():
         for m in modules.values():
             m(x_ND)
-        for r in range(rounds):
-            for name in order if r % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                modules[name](x_ND)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def time_ratio(times: dict[str, list[float]], name: str, base: str = "dense") -> float:
-    """Median over rounds of (name's time / base's time in the same round). Robust to the
-    machine's speed drifting during the run (other processes on a shared machine),
-    which a ratio of two medians is not."""
-    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+        return alternating_rounds({name: timed(m) for name, m in modules.items()}, rounds)
 
 
 def main(argv=None) -> dict:
@@ -88,7 +81,7 @@ def main(argv=None) -> dict:
         ppl = perplexity(moe, test_ids, seq_len, max_windows=args.windows)
         secs = mlp_seconds({"dense": dense.model.layers[0].mlp, "moe": moe.model.layers[0].mlp}, x_ND, args.rounds)
         rows.append({"method": "partition", "k": k, "active": k / args.experts, "ppl": ppl,
-                     "mlp_time": time_ratio(secs, "moe"),
+                     "mlp_time": median_ratio(secs, "moe", "dense"),
                      "dense_mlp_us_per_token": statistics.median(secs["dense"]) / len(x_ND) * 1e6,
                      "moe_mlp_us_per_token": statistics.median(secs["moe"]) / len(x_ND) * 1e6,
                      "router_recall": sum(r["router_top_k_recall"] for r in report) / len(report)})
@@ -96,8 +89,9 @@ def main(argv=None) -> dict:
     moe = upcycle(dense, num_experts=args.experts, top_k=2)
     rows.append({"method": "upcycle (step 0)", "k": 2, "active": 2.0,  # each expert is a full MLP copy
                  "ppl": perplexity(moe, test_ids, seq_len, max_windows=args.windows),
-                 "mlp_time": time_ratio(mlp_seconds({"dense": dense.model.layers[0].mlp,
-                                                     "moe": moe.model.layers[0].mlp}, x_ND, args.rounds), "moe")})
+                 "mlp_time": median_ratio(mlp_seconds({"dense": dense.model.layers[0].mlp,
+                                                       "moe": moe.model.layers[0].mlp}, x_ND, args.rounds),
+                                          "moe", "dense")})
     if args.upcycle_steps:
         train_ids = corpus_token_ids(tok, corpus, "train")
         run = dict(steps=args.upcycle_steps, batch_size=8, seq_len=seq_len, lr=5e-4, seed=1, progress=False)

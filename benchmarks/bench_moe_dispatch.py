@@ -7,7 +7,7 @@ Compared in the same run against
   practical ceiling,
 - the Mixtral sparse MoE block of `transformers` (random init from `MixtralConfig`, its
   default experts implementation), same shapes.
-Methods are timed in interleaved rounds; each ratio is the median over rounds of the ratio of
+Methods are timed in alternating rounds; each ratio is the median over rounds of the ratio of
 two methods' times within a round (robust to the machine's speed drifting during the run), the
 ms column the median time. Freed buffers of these sizes go back to the OS and page-fault in again
 on the next step; run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000` (glibc) to
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from sparselm.bench.timing import alternating_rounds, median_ratio
 from sparselm.moe.experts import SharedSwiGLU, grouped_mm_available
 from sparselm.moe.layer import MoEConfig, MoELayer
 
@@ -73,16 +74,9 @@ def bench_dtype(args, dtype: torch.dtype) -> dict[str, list[float]]:
     grad = torch.randn_like(x)
     for module in candidates.values():  # warm-up (allocator, oneDNN primitives)
         step(module, x, grad)
-    times = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, module in candidates.items():
-            times[name].append(step(module, x, grad))
-    return {name: [v * 1e3 for v in t] for name, t in times.items()}
-
-
-def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
-    """Median over rounds of name's time / base's time in the same round."""
-    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+    samples = alternating_rounds({name: (lambda m=module: step(m, x, grad)) for name, module in candidates.items()},
+                                 args.rounds)
+    return {name: [v * 1e3 for v in t] for name, t in samples.items()}
 
 
 def main(argv=None) -> dict:
@@ -110,9 +104,9 @@ def main(argv=None) -> dict:
         results[dtype_name] = {}
         for name, ts in times.items():
             t = statistics.median(ts)
-            row = {"ms": round(t, 2), "speedup_vs_naive": round(ratio(times, "moe_naive", name), 3),
-                   "time_vs_dense": round(ratio(times, name, "dense_swiglu"), 3),
-                   "time_vs_mixtral": round(ratio(times, name, "mixtral_hf"), 3)}
+            row = {"ms": round(t, 2), "speedup_vs_naive": round(median_ratio(times, "moe_naive", name), 3),
+                   "time_vs_dense": round(median_ratio(times, name, "dense_swiglu"), 3),
+                   "time_vs_mixtral": round(median_ratio(times, name, "mixtral_hf"), 3)}
             results[dtype_name][name] = row
             print(f"| {dtype_name} | {name} | {t:.1f} | {row['speedup_vs_naive']:.2f}x | "
                   f"{row['time_vs_dense']:.2f} | {row['time_vs_mixtral']:.2f} |")

@@ -24,6 +24,7 @@ import time
 import torch
 
 from sparselm.bench.generation import measure_generation
+from sparselm.bench.timing import alternating_rounds, median_ratio
 from sparselm.data import calibration, corpus_token_ids, load_corpus
 from sparselm.evaluate import perplexity
 from sparselm.structured import heal, shrink
@@ -51,17 +52,16 @@ def mlp_times(models: dict, tokens: int = 2048, rounds: int = 25) -> dict[str, f
 
 
 def decode_ratio(base, variant, batch: int = 1, runtime: str = "transformers", rounds: int = 7):
-    """Decode tokens/s of base and variant measured alternately (their order flips every round):
-    (base tok/s, variant tok/s, median of the per-round ratios variant / base). Measuring the
-    two minutes apart instead lets the machine's drift decide the ratio."""
-    speeds = {"base": [], "variant": []}
-    for r in range(rounds):
-        order = [("base", base), ("variant", variant)]
-        for key, model in order if r % 2 == 0 else order[::-1]:
-            speeds[key].append(measure_generation(model, prompt_len=32, new_tokens=64, batch_size=batch, repeats=2,
-                                                  runtime=runtime).decode_tokens_per_s)
-    ratio = statistics.median(v / b for v, b in zip(speeds["variant"], speeds["base"]))
-    return statistics.median(speeds["base"]), statistics.median(speeds["variant"]), ratio
+    """Decode tokens/s of base and variant measured in alternating rounds: (base tok/s, variant
+    tok/s, median of the per-round ratios variant / base). Measured minutes apart instead, the
+    machine's drift decides the ratio."""
+    def speed(model):
+        return lambda: measure_generation(model, prompt_len=32, new_tokens=64, batch_size=batch, repeats=2,
+                                          runtime=runtime).decode_tokens_per_s
+
+    speeds = alternating_rounds({"base": speed(base), "variant": speed(variant)}, rounds)
+    return (statistics.median(speeds["base"]), statistics.median(speeds["variant"]),
+            median_ratio(speeds, "variant", "base"))
 
 
 def torch_pruning_width(model, ratio: float, example: torch.Tensor):

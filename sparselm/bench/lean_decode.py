@@ -101,8 +101,11 @@ class LeanDecoder:
             cos, sin = self.inner.rotary_emb(probe, positions)  # [1, max_len, hd]
         if cos.shape[-1] != self.head_dim:
             return None, "the rotary table does not cover the whole head dim (partial rotary)"
-        stack = ext.DecodeStack(self.heads, self.kv_heads, self.head_dim, float(self.scaling),
-                                cos[0].float().contiguous(), sin[0].float().contiguous(), self.k_cache, self.v_cache)
+        try:
+            stack = ext.DecodeStack(self.heads, self.kv_heads, self.head_dim, float(self.scaling), cos[0].float()
+                                    .contiguous(), sin[0].float().contiguous(), self.k_cache, self.v_cache)
+        except RuntimeError as err:  # a head layout the stack does not take (e.g. an odd head dim)
+            return None, str(err).splitlines()[0]
         for i, layer in enumerate(self.layers):
             norms = [_rms_norm_parts(layer.input_layernorm), _rms_norm_parts(layer.post_attention_layernorm)]
             attn, mlp = layer.self_attn, layer.mlp

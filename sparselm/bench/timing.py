@@ -13,35 +13,31 @@ from pathlib import Path
 from typing import Callable
 
 
-def l3_cache_bytes(default: int = 32 * 2**20) -> int:
-    """Size of the largest CPU cache (L3 on most machines) from sysfs, else `default`."""
-    best = 0
+def _cpu_caches() -> list[tuple[int, str, int]]:
+    """(level, type, bytes) of each cache of CPU 0 from sysfs; empty where sysfs has none."""
+    caches = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            text = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-        digits = text[:-1] if text[-1:] in "KMG" else text
-        if digits.isdigit():
-            best = max(best, int(digits) * scale)
-    return best or default
-
-
-def cache_bytes(level: int, default: int) -> int:
-    """Size of one core's data (or unified) cache at `level` (1, 2, 3) from sysfs, else `default`."""
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if int((index / "level").read_text()) != level or (index / "type").read_text().strip() == "Instruction":
-                continue
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
             text = (index / "size").read_text().strip().upper()
         except (OSError, ValueError):
             continue
         scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
         digits = text[:-1] if text[-1:] in "KMG" else text
         if digits.isdigit():
-            return int(digits) * scale
-    return default
+            caches.append((level, kind, int(digits) * scale))
+    return caches
+
+
+def l3_cache_bytes(default: int = 32 * 2**20) -> int:
+    """Size of the largest CPU cache (L3 on most machines) from sysfs, else `default`."""
+    return max((size for _, _, size in _cpu_caches()), default=0) or default
+
+
+def cache_bytes(level: int, default: int) -> int:
+    """Size of one core's data (or unified) cache at `level` (1, 2, 3) from sysfs, else `default`."""
+    return next((size for lvl, kind, size in _cpu_caches() if lvl == level and kind != "Instruction"), default)
 
 
 def cold_copies(bytes_per_copy: int, l3_bytes: int | None = None, max_copies: int = 64,
@@ -73,3 +69,21 @@ def median_seconds(fn: Callable[[int], object], repeats: int = 10, warmup: int =
         samples.append(time.perf_counter() - start)
         i += 1
     return statistics.median(samples)
+
+
+def alternating_rounds(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call every measure once per round, the order reversed every other round, and collect what
+    each returns (seconds, tokens/s, ...). Neither candidate always runs right after the other
+    (on caches it just filled), and a burst of load from another process hits both alike."""
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    order = list(measures)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            samples[name].append(measures[name]())
+    return samples
+
+
+def median_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of samples[num][r] / samples[den][r]. Robust to the machine's speed
+    drifting during a run, which the ratio of two medians is not."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))

@@ -53,3 +53,27 @@ def test_energy_meter_says_why_not():
         assert meter.stop() >= 0
     else:
         assert meter.stop() is None and "powercap" in meter.reason or "RAPL" in meter.reason
+
+
+def test_alternating_rounds_flip_the_order_and_pair_the_samples():
+    from sparselm.bench.timing import alternating_rounds, median_ratio
+
+    calls = []
+    values = {"a": iter([2.0, 4.0, 9.0]), "b": iter([1.0, 2.0, 3.0])}
+    samples = alternating_rounds({k: (lambda k=k: calls.append(k) or next(values[k])) for k in "ab"}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # reversed every other round
+    assert samples == {"a": [2.0, 4.0, 9.0], "b": [1.0, 2.0, 3.0]}
+    assert median_ratio(samples, "a", "b") == 2.0  # per-round ratios 2, 2, 3
+    # pairs round with round: the ratio of the two medians here would be 10
+    assert median_ratio({"a": [1.0, 10.0, 10.0], "b": [1.0, 1.0, 10.0]}, "a", "b") == 1.0
+
+
+def test_cache_sizes_come_from_sysfs_or_the_default(monkeypatch):
+    from sparselm.bench import timing
+
+    monkeypatch.setattr(timing, "_cpu_caches", lambda: [(1, "Data", 48 << 10), (1, "Instruction", 32 << 10),
+                                                        (2, "Unified", 2 << 20), (3, "Unified", 300 << 20)])
+    assert timing.cache_bytes(1, 0) == 48 << 10 and timing.cache_bytes(2, 0) == 2 << 20
+    assert timing.l3_cache_bytes() == 300 << 20
+    monkeypatch.setattr(timing, "_cpu_caches", lambda: [])
+    assert timing.cache_bytes(2, 123) == 123 and timing.l3_cache_bytes(default=7) == 7

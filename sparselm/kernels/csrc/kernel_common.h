@@ -48,13 +48,12 @@ inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 // cores), so with OMP_WAIT_POLICY=passive layers with less work than 2^18 multiply-adds run on
 // one thread. Threads that spin between regions (OMP_WAIT_POLICY=active, or unset: GNU OpenMP
 // spins a while before sleeping) join in about a microsecond, and there the limit is 2^14.
-// SPARSELM_MIN_PARALLEL_WORK overrides both (read once).
+// The policy is read once, like OpenMP itself does.
 constexpr int64_t kMinParallelWork = 1 << 18;
 constexpr int64_t kMinParallelWorkSpinning = 1 << 14;
 
 inline int64_t min_parallel_work() {
   static const int64_t v = [] {
-    if (const char* s = std::getenv("SPARSELM_MIN_PARALLEL_WORK")) return static_cast<int64_t>(std::atoll(s));
     const char* policy = std::getenv("OMP_WAIT_POLICY");
     const bool passive = policy != nullptr && (policy[0] == 'p' || policy[0] == 'P');
     return passive ? kMinParallelWork : kMinParallelWorkSpinning;
