@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselm.moe.experts import SwiGLUExperts, grouped_mm_available
+from sparselm.moe.fused import fused_kernels, rows_sum
 from sparselm.moe.routing import ExpertGroups, Routing, dense_gate_matrix
 
 DISPATCH_METHODS = ("auto", "sorted", "grouped_mm", "naive")
@@ -64,6 +65,10 @@ def _dispatch_slot_major(x_TD, routing: Routing, experts: SwiGLUExperts, use_gro
     inverse[order] = torch.arange(order.numel(), device=order.device)
     x_AD = _GatherSlots.apply(x_TD, order, inverse, slots)  # [K*T, D] grouped by expert
     y_AD = experts.forward_grouped(x_AD, counts, use_grouped_mm=use_grouped_mm)  # [K*T, D]
+    if fused_kernels(y_AD) is not None:
+        # One pass: out[t] = sum_k gate[k, t] * y_AD[inverse[k*T + t]], and one back.
+        rows_TK = inverse.view(slots, num_tokens).t()
+        return rows_sum(y_AD, rows_TK, routing.gates.to(y_AD.dtype).view(slots, num_tokens).t())
     y_KTD = _PermuteRows.apply(y_AD, inverse, order).view(slots, num_tokens, -1)  # back to slot-major
     gates_KT1 = routing.gates.to(y_KTD.dtype).view(slots, num_tokens, 1)
     return (y_KTD * gates_KT1).sum(dim=0)  # [T, D]
@@ -81,6 +86,9 @@ class _GatherSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_AD):
         (inverse,) = ctx.saved_tensors
+        ext = fused_kernels(grad_AD)
+        if ext is not None:  # one pass: grad_x[t] = sum_k grad_AD[inverse[k*T + t]]
+            return ext.rows_sum(grad_AD, inverse.view(ctx.slots, -1).t().contiguous(), None), None, None, None
         grad_KTD = grad_AD.index_select(0, inverse).view(ctx.slots, -1, grad_AD.shape[-1])
         return grad_KTD.sum(dim=0), None, None, None
 
@@ -151,6 +159,18 @@ def _expert_rows_loop(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUE
     All buffers, the output included, come from the reused `_workspace`."""
     dim, hidden = x_TD.shape[1], experts.expert_hidden
     total, rows = len(groups.token_index), max(groups.counts)
+    ext = fused_kernels(x_TD)
+    if ext is not None and x_TD.dtype == experts.gate_up_E2FD.dtype == experts.down_EDF.dtype:
+        # The loop below in C++ (moe_kernels.cpp) with the SwiGLU fused, no per-op Python
+        # cost, and on several threads whole experts per thread (one gather and hidden
+        # buffer slice each).
+        threads = ext.moe_parallel_experts(groups.counts, dim, hidden)
+        buf = _workspace(total * dim + threads * rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
+        y_AD, x_buf, h_buf = buf.split([total * dim, threads * rows * dim, threads * rows * 2 * hidden])
+        y_AD = y_AD.view(total, dim)
+        ext.moe_expert_rows(x_TD, groups.token_index, groups.counts, experts.gate_up_E2FD.detach(),
+                            experts.down_EDF.detach(), y_AD, x_buf, h_buf, threads)
+        return y_AD
     buf = _workspace(total * dim + rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
     y_AD, x_buf, h_buf = buf.split([total * dim, rows * dim, rows * 2 * hidden])
     y_AD, x_buf = y_AD.view(total, dim), x_buf.view(rows, dim)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselm.moe.fused import SwiGLUFn
 from sparselm.moe.grouped_swiglu import grouped_swiglu
 
 
@@ -71,9 +72,8 @@ class SwiGLUExperts(nn.Module):
 
     def _forward_grouped_mm(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         offsets = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)  # [E] end offsets
-        h_A2F = _contiguous_grad(torch._grouped_mm(x_AD, self.gate_up_E2FD.transpose(-2, -1), offs=offsets))
-        gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
-        act_AF = (F.silu(gate_AF) * up_AF).contiguous()
+        h_A2F = torch._grouped_mm(x_AD, self.gate_up_E2FD.transpose(-2, -1), offs=offsets)
+        act_AF = SwiGLUFn.apply(h_A2F)  # [A, F]; its backward returns a contiguous gradient
         return _contiguous_grad(torch._grouped_mm(act_AF, self.down_EDF.transpose(-2, -1), offs=offsets))
 
     def forward_every_expert(self, x_TD: torch.Tensor) -> torch.Tensor:

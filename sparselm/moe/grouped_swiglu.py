@@ -2,7 +2,7 @@
 
 Rows x_AD [A, D] are sorted by expert; expert e owns the rows counts[0..e-1] .. +counts[e].
     h_A2F = [x_e W_gate_up[e]^T for each group]      # [A, 2F]
-    act_AF = silu(h_gate) * h_up                      # [A, F], one pass over all experts
+    act_AF = silu(h_gate) * h_up                      # [A, F], one pass over all experts (fused.py)
     y_AD = [act_e W_down[e]^T for each group]         # [A, D]
 Why a custom autograd function instead of a Python loop of `F.linear` calls: autograd
 would, per expert, slice the inputs (slice backward allocates a full [A, D] zero tensor),
@@ -21,7 +21,8 @@ First derivatives only (no double backward).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from sparselm.moe.fused import swiglu, swiglu_backward
 
 
 def _groups(counts: list[int]):
@@ -41,7 +42,7 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         h_A2F = x_AD.new_empty(num_rows, 2 * hidden)
         for e, a, b in _groups(counts):
             torch.mm(x_AD[a:b], gate_up_E2FD[e].t(), out=h_A2F[a:b])  # [n, 2F]
-        act_AF = F.silu(h_A2F[:, :hidden]) * h_A2F[:, hidden:]  # [A, F]
+        act_AF = swiglu(h_A2F)  # [A, F], one fused pass where the C++ kernels run
         y_AD = x_AD.new_empty(num_rows, dim)
         for e, a, b in _groups(counts):
             torch.mm(act_AF[a:b], down_EDF[e].t(), out=y_AD[a:b])  # [n, D]
@@ -53,7 +54,6 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad_y_AD):
         x_AD, gate_up_E2FD, down_EDF, h_A2F, act_AF = ctx.saved_tensors
         counts = ctx.counts
-        hidden = down_EDF.shape[-1]
         grad_y_AD = grad_y_AD.contiguous()
         want_x, want_gate_up, want_down = ctx.needs_input_grad[:3]
 
@@ -64,13 +64,8 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
             if want_down:
                 torch.mm(grad_y_AD[a:b].t(), act_AF[a:b], out=grad_down[e])  # [D, F]
 
-        gate_AF, up_AF = h_A2F[:, :hidden], h_A2F[:, hidden:]
-        sig_AF = torch.sigmoid(gate_AF)
-        grad_h_A2F = torch.empty_like(h_A2F)
-        torch.mul(grad_act_AF, gate_AF * sig_AF, out=grad_h_A2F[:, hidden:])  # d up = d act * silu(g)
-        grad_act_AF.mul_(up_AF).mul_(sig_AF)
-        torch.mul(grad_act_AF, 1.0 + gate_AF * (1.0 - sig_AF), out=grad_h_A2F[:, :hidden])  # d gate
-        del grad_act_AF, sig_AF
+        grad_h_A2F = swiglu_backward(h_A2F, grad_act_AF)  # [A, 2F]
+        del grad_act_AF
 
         grad_x = torch.empty_like(x_AD) if want_x else None
         grad_gate_up = _zero_unused(gate_up_E2FD, counts) if want_gate_up else None

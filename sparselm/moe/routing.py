@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sparselm.errors import SparselmError
+from sparselm.moe.fused import fused_kernels
 
 
 @dataclass
@@ -64,6 +65,20 @@ def rank_within_expert(expert_flat: torch.Tensor, num_experts: int) -> torch.Ten
     return rank
 
 
+def top_k_experts(scores_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Indices [T, K] of each row's K highest scores, highest first; equal scores go to
+    the lower expert index, NaN counts as highest.
+
+    `torch.topk` leaves the order of equal values unspecified (on CPU it does not keep the
+    lower index first), and bf16 router logits tie often, so every routing path picks
+    experts with this one rule: the C++ kernel on CPU (fp32, one pass per token), a stable
+    descending sort elsewhere. Both give the same indices."""
+    ext = fused_kernels(scores_TE) if scores_TE.dtype == torch.float32 else None
+    if ext is not None:
+        return ext.route_top_k(scores_TE, top_k)[0]
+    return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :top_k]
+
+
 def top_k_routing(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True,
                   selection_bias: torch.Tensor | None = None, capacity: int | None = None,
                   unit_gates: bool = False) -> Routing:
@@ -83,7 +98,7 @@ def top_k_routing(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True,
     logits_TE = logits_TE.float()  # routing in fp32: bf16 ties and rounding flip choices
     probs_TE = torch.softmax(logits_TE, dim=-1)  # [T, E]
     scores_TE = probs_TE.detach() if selection_bias is None else probs_TE.detach() + selection_bias.float()
-    choice_TK = torch.topk(scores_TE, top_k, dim=-1).indices  # [T, K]
+    choice_TK = top_k_experts(scores_TE, top_k)  # [T, K]
     if unit_gates:
         gates_TK = torch.ones_like(choice_TK, dtype=probs_TE.dtype)
     else:
@@ -189,17 +204,18 @@ def top_k_groups(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True,
     """Dropless `top_k_routing` for inference (no gradients), grouped by expert.
 
     Chooses the same experts as `top_k_routing`: without a selection bias the top-k runs
-    on the logits, since softmax is monotonic and `torch.topk` only compares values, so
+    on the logits, since softmax is monotonic and `top_k_experts` only compares values, so
     it picks the same indices as on the probs, ties included (bf16 logits tie often).
     The one difference: two logits whose probabilities round to the same float (e.g. both
     underflow to 0) tie on the probs but not on the logits. With a bias the choice needs
     probs + bias, computed exactly as there. The probs (for the gates and the
     statistics) come from `softmax_over_experts`, equal up to last-bit rounding; the
     gates are then computed as in `top_k_routing`.
-    Grouping (a counting sort, cheaper than sorting the K*T assignments or `nonzero`):
-    a [E, T] mask of the choices, its running sum along the tokens gives each (token,
-    slot)'s row when rows are grouped by expert, tokens in order; scattering the token
-    ids to those rows lists each expert's tokens.
+    Grouping (a counting sort, cheaper than sorting the K*T assignments or `nonzero`): in
+    C++ together with the choice where the kernels run (`route_top_k`, moe_kernels.cpp),
+    else a [E, T] mask of the choices whose running sum along the tokens gives each
+    (token, slot)'s row when rows are grouped by expert, tokens in order; scattering the
+    token ids to those rows lists each expert's tokens (`_group_choices`).
     """
     num_tokens, num_experts = logits_TE.shape
     if not 1 <= top_k <= num_experts:
@@ -207,13 +223,32 @@ def top_k_groups(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True,
     logits_TE = logits_TE.float()  # as in top_k_routing: routing in fp32
     probs_TE = None
     if selection_bias is None:
-        choice_TK = torch.topk(logits_TE, top_k, dim=-1).indices  # [T, K]
+        scores_TE = logits_TE
     else:
         probs_TE = torch.softmax(logits_TE, dim=-1)  # the same scores as top_k_routing
-        choice_TK = torch.topk(probs_TE + selection_bias.float(), top_k, dim=-1).indices
+        scores_TE = probs_TE + selection_bias.float()
     if probs_TE is None and (need_probs or not unit_gates):
         probs_TE = softmax_over_experts(logits_TE)
-    device = logits_TE.device
+    ext = fused_kernels(scores_TE)
+    if ext is not None:  # choice and counting sort in one C++ pass
+        choice_TK, rows_TK, token_A, counts_E = ext.route_top_k(scores_TE, top_k)
+    else:
+        choice_TK = top_k_experts(scores_TE, top_k)  # [T, K]
+        rows_TK, token_A, counts_E = _group_choices(choice_TK, num_experts)
+    gates_TK = None
+    if not unit_gates:
+        gates_TK = probs_TE.gather(1, choice_TK)  # [T, K]
+        if renormalize:
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    return ExpertGroups(token_A, counts_E.tolist(), None, rows_TK, gates_TK, logits_TE, probs_TE,
+                        counts_E, counts_E, 0.0)
+
+
+def _group_choices(choice_TK: torch.Tensor, num_experts: int):
+    """Counting sort of top-k choices [T, K] by expert: (rows [T, K], tokens [T*K],
+    counts [E]) as the C++ `route_top_k` returns them (see `top_k_groups`)."""
+    num_tokens, top_k = choice_TK.shape
+    device = choice_TK.device
     mask_ET = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=device)
     mask_ET.scatter_(0, choice_TK.t(), True)
     seen_ET = mask_ET.cumsum(dim=1)  # [E, T] tokens of expert e up to token t
@@ -224,13 +259,7 @@ def top_k_groups(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True,
     tokens_TK = torch.arange(num_tokens, device=device)[:, None].expand(num_tokens, top_k)
     token_A = torch.empty(num_tokens * top_k, dtype=torch.long, device=device)
     token_A.index_put_((rows_TK.reshape(-1),), tokens_TK.reshape(-1))  # [A], grouped by expert
-    gates_TK = None
-    if not unit_gates:
-        gates_TK = probs_TE.gather(1, choice_TK)  # [T, K]
-        if renormalize:
-            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
-    return ExpertGroups(token_A, counts_E.tolist(), None, rows_TK, gates_TK, logits_TE, probs_TE,
-                        counts_E, counts_E, 0.0)
+    return rows_TK, token_A, counts_E
 
 
 def group_by_expert(routing: Routing, num_experts: int) -> ExpertGroups:

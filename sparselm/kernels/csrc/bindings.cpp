@@ -20,6 +20,15 @@ at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int6
                         int64_t out_features);
 at::Tensor nm_to_dense(at::Tensor idx, at::Tensor values, int64_t n, int64_t m, int64_t in_features);
 at::Tensor dense_gemv(at::Tensor x, at::Tensor w);
+at::Tensor swiglu_forward(at::Tensor h, c10::optional<at::Tensor> out);
+at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act);
+at::Tensor rows_sum(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights);
+std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights,
+                                                     at::Tensor grad_out, bool need_weight_grad);
+void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> counts, at::Tensor gate_up,
+                     at::Tensor down, at::Tensor y, at::Tensor x_buf, at::Tensor h_buf, int64_t threads);
+std::vector<at::Tensor> route_top_k(at::Tensor scores, int64_t K);
+int64_t moe_parallel_experts(std::vector<int64_t> counts, int64_t D, int64_t F);
 void obs_prune_block(at::Tensor W, at::Tensor U, at::Tensor prune, at::Tensor err, int64_t n, int64_t m);
 bool compiled_with_avx512() { return SPARSELM_AVX512 != 0; }
 }  // namespace sparselm
@@ -35,6 +44,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &sparselm::dense_gemv, "x[1,K] @ W.T, dense, same threads as the sparse kernels");
   m.def("obs_prune_block", &sparselm::obs_prune_block,
         "SparseGPT's column loop over one block, row-parallel, in place (W, prune, err)");
+  m.def("swiglu_forward", &sparselm::swiglu_forward, "silu(h[:, :F]) * h[:, F:] for h [rows, 2F], one pass",
+        pybind11::arg("h"), pybind11::arg("out") = pybind11::none());
+  m.def("swiglu_backward", &sparselm::swiglu_backward, "gradient of swiglu_forward w.r.t. h, one pass");
+  m.def("rows_sum", &sparselm::rows_sum, "out[t] = sum_k w[t, k] * src[rows[t, k]] (fp32 accumulation)");
+  m.def("rows_sum_backward", &sparselm::rows_sum_backward,
+        "gradients of rows_sum w.r.t. src (rows used at most once) and, if asked, w");
+  m.def("moe_expert_rows", &sparselm::moe_expert_rows,
+        "the no-grad MoE expert loop: gather, gate/up matmul, fused SwiGLU, down matmul per expert",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("route_top_k", &sparselm::route_top_k,
+        "top-k experts per token (ties: lower index) and the assignments grouped by expert: "
+        "(choice [T, K], rows [T, K], tokens [T*K], counts [E])");
+  m.def("moe_parallel_experts", &sparselm::moe_parallel_experts,
+        "threads moe_expert_rows should use (whole experts per thread), 1 for splitting each matmul");
   pybind11::class_<sparselm::DecodeStack>(m, "DecodeStack",
                                           "one decode position through Llama-style blocks in one call")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
