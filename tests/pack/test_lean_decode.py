@@ -107,8 +107,9 @@ def decode_logits(model, ids, steps, fast):
 
 
 @needs_extension
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: dense projections through the stack's own GEMV
 @pytest.mark.parametrize("fmt", ["dense", "bitmask", "csr", "nm", "mixed"])
-def test_cpp_decode_step_equals_the_python_loop(fmt):
+def test_cpp_decode_step_equals_the_python_loop(fmt, batch):
     model = random_llama(seed=4, num_key_value_heads=2, attention_bias=True)
     for layer in model.model.layers:
         layer.self_attn.k_proj.bias.data.normal_()
@@ -121,10 +122,11 @@ def test_cpp_decode_step_equals_the_python_loop(fmt):
         model.model.layers[1].self_attn.o_proj = torch.nn.Linear(64, 64, bias=False)
     elif fmt != "dense":
         pack(model, fmt, progress=False)
-    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (batch, 9), generator=torch.Generator().manual_seed(0))
     fast_dec, fast = decode_logits(model, ids, 6, fast=True)
     slow_dec, slow = decode_logits(model, ids, 6, fast=False)
     assert fast_dec.fast_path_reason is None and slow_dec.fast_path_reason is not None
+    assert fast_dec._stack_has_embedding  # embedding, blocks, norm and head: one C++ call per token
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     # and the stack's keys and values are the ones the Python loop caches
     torch.testing.assert_close(fast_dec.k_cache, slow_dec.k_cache, rtol=1e-5, atol=1e-5)

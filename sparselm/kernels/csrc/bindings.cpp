@@ -62,7 +62,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                           "one decode position through Llama-style blocks in one call")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_block", &sparselm::DecodeStack::add_block)
+      .def("set_head", &sparselm::DecodeStack::set_head)
       .def("step", &sparselm::DecodeStack::step, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("step_logits", &sparselm::DecodeStack::step_logits, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("set_embedding", &sparselm::DecodeStack::set_embedding)
+      .def("step_tokens", &sparselm::DecodeStack::step_tokens, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks);
   m.def("compiled_with_avx512", &sparselm::compiled_with_avx512, "whether the AVX-512 paths were compiled");
 }

@@ -53,11 +53,102 @@ void apply_rotary(at::Tensor& x, int64_t heads, int64_t hd, const float* cos, co
   }
 }
 
+// y[r] = <W[r], x> for rows [r0, r1) of a dense fp32 W [N, K], four rows per pass so that
+// each load of x serves four rows.
+void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+#if SPARSELM_AVX512
+  for (; r + 4 <= r1; r += 4) {
+    const float* w0 = W + r * K;
+    const float* w1 = w0 + K;
+    const float* w2 = w1 + K;
+    const float* w3 = w2 + K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 m = K - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - c)) - 1u);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + c);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + c), xv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + c), xv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + c), xv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + c), xv, a3);
+    }
+    y[r] = _mm512_reduce_add_ps(a0);
+    y[r + 1] = _mm512_reduce_add_ps(a1);
+    y[r + 2] = _mm512_reduce_add_ps(a2);
+    y[r + 3] = _mm512_reduce_add_ps(a3);
+  }
+#endif
+  for (; r < r1; ++r) {
+    const float* w = W + r * K;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < K; ++c) acc += w[c] * x[c];
+    y[r] = acc;
+  }
+}
+
+// Batch-1 products of one input with several dense fp32 projections in one parallel region:
+// the threads split the projections' concatenated rows. At decode sizes (a few hundred rows)
+// a region per product, or ATen's linear with its dispatch and allocation, costs as much as
+// the arithmetic. outputs[i] is [1, out_features of projections[i]] (bias added).
+void dense_gemvs(const float* x, const std::vector<const Projection*>& projections,
+                 const std::vector<at::Tensor>& outputs) {
+  const size_t n = projections.size();
+  std::vector<int64_t> first(n + 1, 0);
+  int64_t macs = 0;
+  for (size_t i = 0; i < n; ++i) {
+    first[i + 1] = first[i] + projections[i]->out_features;
+    macs += projections[i]->out_features * projections[i]->in_features;
+  }
+  const int64_t total = first[n];
+  const int threads = num_threads_for(macs);
+#pragma omp parallel num_threads(threads)
+  {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t chunk = ((total + nt - 1) / nt + 3) / 4 * 4;
+    const int64_t lo = std::min(total, id * chunk), hi = std::min(total, (id + 1) * chunk);
+    for (size_t i = 0; i < n && lo < hi; ++i) {
+      const int64_t a = std::max(lo, first[i]) - first[i], b = std::min(hi, first[i + 1]) - first[i];
+      if (a < b) {
+        const Projection& p = *projections[i];
+        gemv_rows(x, p.tensors[0].data_ptr<float>(), outputs[i].data_ptr<float>(), p.in_features, a, b);
+      }
+    }
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (projections[i]->bias.has_value()) outputs[i].add_(*projections[i]->bias);
+}
+
+bool dense_fp32(const Projection& p) {
+  return p.kind == 0 && p.tensors[0].scalar_type() == at::kFloat && p.tensors[0].is_contiguous() &&
+         (!p.bias.has_value() || p.bias->scalar_type() == at::kFloat);
+}
+
 }  // namespace
+
+// The projections of one input: batch-1 dense ones share one parallel region, the rest run
+// one by one.
+std::vector<at::Tensor> project_all(const at::Tensor& x, const std::vector<const Projection*>& projections) {
+  std::vector<at::Tensor> out(projections.size());
+  std::vector<const Projection*> batched;
+  std::vector<at::Tensor> batched_out;
+  for (size_t i = 0; i < projections.size(); ++i) {
+    if (x.size(0) == 1 && dense_fp32(*projections[i])) {
+      out[i] = at::empty({1, projections[i]->out_features}, x.options());
+      batched.push_back(projections[i]);
+      batched_out.push_back(out[i]);
+    } else {
+      out[i] = (*projections[i])(x).contiguous();
+    }
+  }
+  if (!batched.empty()) dense_gemvs(x.data_ptr<float>(), batched, batched_out);
+  return out;
+}
 
 at::Tensor Projection::operator()(const at::Tensor& x) const {
   switch (kind) {
     case 0:
+      if (x.size(0) == 1 && x.is_contiguous() && dense_fp32(*this)) return project_all(x, {this})[0];
       return at::linear(x, tensors[0], bias);
     case 1:
       return csr_linear(x, tensors[0], tensors[1], tensors[2], bias, in_features, out_features);
@@ -110,6 +201,42 @@ void DecodeStack::add_block(at::Tensor norm1, double eps1, at::Tensor norm2, dou
   blocks_.push_back(std::move(block));
 }
 
+void DecodeStack::set_head(at::Tensor norm, double eps, const ProjectionSpec& head) {
+  Projection p;
+  std::tie(p.kind, p.tensors, p.bias, p.in_features, p.out_features, p.n, p.m) = head;
+  TORCH_CHECK(p.kind >= 0 && p.kind <= 3, "decode stack: unknown projection kind ", p.kind);
+  TORCH_CHECK(norm.numel() == p.in_features, "decode stack: the final norm has ", norm.numel(),
+              " weights, the head takes ", p.in_features, " features");
+  final_norm_ = norm.to(at::kFloat).contiguous();
+  final_eps_ = eps;
+  head_ = std::move(p);
+}
+
+at::Tensor DecodeStack::step_logits(at::Tensor x, int64_t pos) const {
+  TORCH_CHECK(head_.has_value(), "decode stack: set_head was not called");
+  return (*head_)(rms_norm_rows(step(x, pos), final_norm_, final_eps_));
+}
+
+void DecodeStack::set_embedding(at::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
+              "decode stack: the embedding table must be a contiguous fp32 [vocab, hidden] tensor");
+  TORCH_CHECK(blocks_.empty() || weight.size(1) == blocks_[0].norm1.numel(), "decode stack: embedding width ",
+              weight.size(1), " differs from the hidden size ", blocks_[0].norm1.numel());
+  embedding_ = weight;
+}
+
+at::Tensor DecodeStack::step_tokens(at::Tensor ids, int64_t pos) const {
+  TORCH_CHECK(embedding_.defined(), "decode stack: set_embedding was not called");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.numel() == k_cache_.size(1),
+              "decode stack: ids must be int64 [batch, 1] for batch ", k_cache_.size(1));
+  ids = ids.reshape({-1}).contiguous();
+  const int64_t vocab = embedding_.size(0);
+  const int64_t* p = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "decode stack: token id ", p[i], " outside the vocabulary of ", vocab);
+  return step_logits(at::index_select(embedding_, 0, ids), pos);
+}
+
 at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "decode stack: x must be fp32 [batch, hidden]");
   const int64_t B = x.size(0), S = pos + 1, max_len = k_cache_.size(3), hd = head_dim_;
@@ -124,7 +251,8 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
   for (int64_t l = 0; l < num_blocks(); ++l) {
     const DecodeBlock& blk = blocks_[l];
     const at::Tensor h = rms_norm_rows(x, blk.norm1, blk.eps1);
-    at::Tensor q = blk.q(h).contiguous(), k = blk.k(h).contiguous(), v = blk.v(h).contiguous();
+    const std::vector<at::Tensor> qkv = project_all(h, {&blk.q, &blk.k, &blk.v});
+    at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
     apply_rotary(q, heads_, hd, cos, sin);
     apply_rotary(k, kv_heads_, hd, cos, sin);
     // Cache layout [L, B, Hkv, max_len, hd]: write this position's keys and values.
@@ -174,8 +302,9 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
       }
     x.add_(blk.o(attn));
     const at::Tensor h2 = rms_norm_rows(x, blk.norm2, blk.eps2);
-    at::Tensor gate = blk.gate(h2).contiguous();
-    const at::Tensor up = blk.up(h2).contiguous();
+    const std::vector<at::Tensor> gate_up = project_all(h2, {&blk.gate, &blk.up});
+    at::Tensor gate = gate_up[0];
+    const at::Tensor up = gate_up[1];
     float* gp = gate.data_ptr<float>();
     const float* up_p = up.data_ptr<float>();
     const int64_t n = gate.numel();

@@ -48,8 +48,16 @@ class DecodeStack {
   // projections in the order q, k, v, o, gate, up, down.
   void add_block(at::Tensor norm1, double eps1, at::Tensor norm2, double eps2,
                  const std::vector<ProjectionSpec>& projections);
+  // The model's final norm and LM head, for `step_logits`.
+  void set_head(at::Tensor norm, double eps, const ProjectionSpec& head);
   // x: [B, D] hidden states of the token at position `pos`; returns the stack's output [B, D].
   at::Tensor step(at::Tensor x, int64_t pos) const;
+  // The same step followed by the final norm and the head: logits [B, V] (needs set_head).
+  at::Tensor step_logits(at::Tensor x, int64_t pos) const;
+  // The input embedding table [V, D], for `step_tokens`.
+  void set_embedding(at::Tensor weight);
+  // ids [B, 1] (int64) -> logits [B, V]: embedding lookup, step_logits.
+  at::Tensor step_tokens(at::Tensor ids, int64_t pos) const;
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
 
  private:
@@ -57,6 +65,9 @@ class DecodeStack {
   double scaling_;
   at::Tensor cos_, sin_, k_cache_, v_cache_;
   std::vector<DecodeBlock> blocks_;
+  at::Tensor final_norm_, embedding_;
+  double final_eps_ = 1e-6;
+  std::optional<Projection> head_;
 };
 
 }  // namespace sparselm
