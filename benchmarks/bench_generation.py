@@ -6,8 +6,8 @@ dense execution of the pruned model, `pack(format="auto")` for batch 1, and ever
 to csr and to bitmask, each at one thread and at --threads, through the transformers forward and
 through sparselm's lean decode loop (`sparselm.bench.lean_decode`: the same modules with a
 preallocated cache); the decode target compares the best packed run with the best dense run. Reports decode tokens/s (target >= 1.5x dense), resident weight memory
-(target <= 0.5x dense; the embeddings and LM head stay dense, so the ratio for the packed
-linears alone is shown too), prefill tokens/s, bandwidth, FLOPs per token, peak RSS, energy
+(target <= 0.5x dense; the embeddings and, unless --lm-head, the LM head stay dense, so the
+ratio for the packed linears alone is shown too), prefill tokens/s, bandwidth, FLOPs per token, peak RSS, energy
 where measurable, and test perplexity of dense vs packed (packing must not change quality).
 Prints a Markdown table, then one JSON line.
 
@@ -20,6 +20,7 @@ fastest packed run over both policies, both runtimes and both thread counts; `--
 
     python benchmarks/bench_generation.py [--model small] [--new-tokens 64] [--repeats 3]
     python benchmarks/bench_generation.py --policy passive     # one policy only
+    python benchmarks/bench_generation.py --lm-head             # prune and pack the LM head too
     python benchmarks/bench_generation.py --shape 1024x8        # random Llama larger than the L3 cache
 
 `--shape HIDDENxLAYERS` builds a randomly initialised Llama of that size instead (MLP 2.75x
@@ -75,8 +76,9 @@ def run_policies(argv: list[str], policies: list[str]) -> None:
                           p: run["decode_speedup_best"] for p, run in runs.items()},
                       "weight_memory_ratio": first["weight_memory_ratio"],
                       "linear_weight_memory_ratio": first["linear_weight_memory_ratio"],
+                      "perplexity_unpruned": first["perplexity_unpruned"],
                       "perplexity_dense": first["perplexity_dense"], "perplexity_packed": first["perplexity_packed"],
-                      "runs": runs}))
+                      "lm_head_pruned": first["lm_head_pruned"], "runs": runs}))
 
 
 def _without_policy(argv: list[str]) -> list[str]:
@@ -119,6 +121,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--lm-head", action="store_true",
+                        help="prune (and pack) the LM head too, at the same sparsity; perplexity of the "
+                             "unpruned model is then reported beside it")
     parser.add_argument("--shape", default=None, help="HIDDENxLAYERS: a random Llama of this size instead")
     parser.add_argument("--policy", choices=("both", "passive", "active"), default="both",
                         help="OpenMP wait policy: both (default: one process each) or this process with one")
@@ -144,19 +149,22 @@ def main():
         except SparselmError as err:
             parser.error(str(err))
         args.model = f"random Llama {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)"
-        sparsify(model, Magnitude(sparsity=args.sparsity), progress=False)
+        sparsify(model, Magnitude(sparsity=args.sparsity, lm_head=args.lm_head), progress=False)
         method = "magnitude"
     else:
         model, tok = load(args.model)
         context = model.config.max_position_embeddings
         corpus = load_corpus(None)
         calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
-        sparsify(model, SparseGPT(sparsity=args.sparsity), calib, progress=False)
-        method = "SparseGPT"
+        test_ids = corpus_token_ids(tok, corpus, "test")
+        ppl_unpruned = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
+        sparsify(model, SparseGPT(sparsity=args.sparsity, lm_head=args.lm_head), calib, progress=False)
+        method = "SparseGPT" + (" (LM head too)" if args.lm_head else "")
     prune_s = time.perf_counter() - start
     ppl_dense = ppl_packed = None
-    if not args.shape:
-        test_ids = corpus_token_ids(tok, corpus, "test")
+    if args.shape:
+        ppl_unpruned = None
+    else:
         ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
         packed = copy.deepcopy(model)
         pack(packed, "bitmask", progress=False)
@@ -193,7 +201,8 @@ def main():
     memory = smallest["weight_bytes"] / dense["weight_bytes"]
     linear_memory = smallest["linear_weight_bytes"] / dense["linear_weight_bytes"]
     quality = "no perplexity (random weights)" if ppl_dense is None else \
-        f"test perplexity (16 windows) dense-executed {ppl_dense:.3f}, bitmask-packed {ppl_packed:.3f}"
+        f"test perplexity (16 windows) unpruned {ppl_unpruned:.3f}, pruned dense-executed {ppl_dense:.3f}, " \
+        f"bitmask-packed {ppl_packed:.3f}"
     print(f"model {args.model}: {method} {args.sparsity:.0%} in {prune_s:.1f} s; {quality}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for (runtime, threads), summ in summaries.items():
@@ -213,7 +222,8 @@ def main():
     summary = {"results": results, "per_runtime": per_runtime,
                "runs": {f"{rt}/{t}": s for (rt, t), s in summaries.items()}}
     print(json.dumps({"benchmark": "generation", "model": args.model, "sparsity": args.sparsity,
-                      "perplexity_dense": ppl_dense, "perplexity_packed": ppl_packed,
+                      "perplexity_unpruned": ppl_unpruned, "perplexity_dense": ppl_dense,
+                      "perplexity_packed": ppl_packed, "lm_head_pruned": args.lm_head,
                       "decode_speedup_best": speedup, "best_variant": best["variant"],
                       "best_variant_threads": best["threads"], "best_dense_threads": dense["threads"],
                       "best_variant_runtime": best["runtime"], "best_dense_runtime": dense["runtime"],

@@ -13,6 +13,8 @@ def register(sub) -> None:
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M (N kept of every M), e.g. 2:4")
     p.add_argument("--owl", action="store_true", help="outlier-weighted per-block sparsity (OWL)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="prune the LM head too (same sparsity/pattern; off by default; refused if tied)")
     p.add_argument("--refine", type=int, default=0, metavar="ITERS",
                    help="refit the kept weights to the dense layer outputs (CG iterations; 0 = off)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
@@ -32,7 +34,7 @@ def run(args) -> int:
     from sparselm.io import check_output_dir, load, save
     from sparselm.prune import make_config, sparsify
 
-    kwargs = dict(sparsity=args.sparsity, pattern=args.pattern, owl=args.owl)
+    kwargs = dict(sparsity=args.sparsity, pattern=args.pattern, owl=args.owl, lm_head=args.lm_head)
     if args.method != "magnitude":
         kwargs["refine"] = args.refine
     elif args.refine:

@@ -119,9 +119,11 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: 
 
 def run_blockwise(model: nn.Module, calib_ids: torch.Tensor, process_block: Callable[[BlockContext], None], *,
                   batch_size: int = 8, device: torch.device | str | None = None, progress: bool = True,
-                  desc: str = "blocks") -> None:
+                  desc: str = "blocks", after_last: Callable[[list[torch.Tensor]], None] | None = None) -> None:
     """Call `process_block(ctx)` for every decoder block in order, feeding each block the
-    outputs of the already-processed (compressed) blocks before it."""
+    outputs of the already-processed (compressed) blocks before it. With `after_last`, the
+    last processed block's outputs (one [batch, seq, hidden] tensor per calibration batch, on
+    the processing device) are passed to it at the end (e.g. to calibrate the LM head)."""
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -132,10 +134,12 @@ def run_blockwise(model: nn.Module, calib_ids: torch.Tensor, process_block: Call
         block.to(device)
         ctx = BlockContext(i, block, inputs, device)
         process_block(ctx)
-        if i + 1 < len(blocks):  # the compressed block feeds the next one (the last feeds nobody)
+        if i + 1 < len(blocks) or after_last is not None:  # the compressed block feeds the next one
             outs = ctx.forward()
             if len(outs) != len(inputs):
                 raise RuntimeError("a hook stopped the block forward that produces the next block's inputs; "
                                    "remove statistics hooks before process_block returns")
             inputs = [BlockInput((o,) + inp.args[1:], inp.kwargs) for o, inp in zip(outs, inputs)]
         block.to(home)
+    if after_last is not None and blocks:
+        after_last([inp.args[0] for inp in inputs])

@@ -94,9 +94,10 @@ class PackReport:
 
 
 def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Fully qualified name -> linear module, for the decoder blocks' linears (no LM head)."""
+    """Fully qualified name -> linear module: the decoder blocks' linears, and the LM head when
+    it holds zeros (pruned with `lm_head=True`) and is not tied to the input embedding."""
     from sparselm.adapters import get_adapter
-    from sparselm.adapters.base import LINEAR_TYPES
+    from sparselm.adapters.base import LINEAR_TYPES, linear_weight
 
     names = {id(mod): name for name, mod in model.named_modules()}
     adapter = get_adapter(model)
@@ -105,6 +106,14 @@ def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
         for module in adapter.linear_layers(block).values():
             if isinstance(module, LINEAR_TYPES) and id(module) in names:
                 found[names[id(module)]] = module
+    try:
+        head, embedding = adapter.lm_head(model), adapter.embedding(model)
+    except (AttributeError, SparselmError):  # an adapter that does not know them: blocks only
+        return found
+    if isinstance(head, LINEAR_TYPES) and id(head) in names:
+        weight = linear_weight(head)
+        if weight.data_ptr() != embedding.weight.data_ptr() and bool((weight == 0).any()):
+            found[names[id(head)]] = head
     return found
 
 
@@ -172,7 +181,8 @@ def _time_candidates(modules: dict[str, nn.Module], x: torch.Tensor, budget_s: f
 
 def pack(model: nn.Module, format: str = "auto", batch_size: int = 1, *, n: int = 2, m: int = 4,
          margin: float = 0.05, use_cache: bool = True, progress: bool = True) -> PackReport:
-    """Replace the decoder blocks' linear layers of `model` (in place) by packed SparseLinear.
+    """Replace the decoder blocks' linear layers of `model` (and a pruned, untied LM head) in
+    place by packed SparseLinear.
 
     format: "auto" (fastest measured per layer), "dense" (change nothing), "csr", "bitmask" or
     "nm" (n:m, default 2:4; a layer that is not n:m sparse is an error naming it). Layers with

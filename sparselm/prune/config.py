@@ -16,6 +16,9 @@ class PruneConfig:
     pattern: "unstructured" or "N:M" (N kept in every M consecutive inputs, e.g. "2:4").
     owl: allocate sparsity per block by outlier ratio (OWL); the mean stays `sparsity`.
     ignore: substrings of layer names (relative to the block, e.g. "self_attn.o_proj") left dense.
+    lm_head: also prune the LM head, at the same sparsity / pattern, calibrated on the final
+        norm's outputs (off by default, as in SparseGPT and Wanda: the head is the layer the
+        logits depend on most; a tied head, which is the embedding, is refused).
     """
 
     sparsity: float = 0.5
@@ -24,6 +27,7 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
     ignore: tuple[str, ...] = ()
+    lm_head: bool = False
 
     name = "base"
     needs_calibration = True

@@ -1,7 +1,9 @@
 """`sparsify(model, config, calib)`: prune every linear layer of the decoder blocks in place.
 
 Calibrated methods run through the sequential engine (one block at a time, statistics from
-the outputs of the already-pruned blocks). The embedding and the LM head stay dense.
+the outputs of the already-pruned blocks). The embedding stays dense; so does the LM head
+unless the config asks for it (`lm_head=True`: pruned last, calibrated on the final norm's
+outputs of the pruned stack).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from sparselm.adapters import get_adapter, linear_weight, set_linear_weight
+from sparselm.adapters.base import LINEAR_TYPES
 from sparselm.engine.calibration import BlockContext, StopBlock, run_blockwise
 from sparselm.errors import SparselmError
 from sparselm.prune.config import Magnitude, PruneConfig, SparseGPT
@@ -72,7 +75,7 @@ class _StatHooks:
             self._handles.append(block.register_forward_pre_hook(self._new_call))
 
     def _new_call(self, module, args):
-        if self._block_calls == 1 and sorted(self._calls) == self._names:
+        if self._block_calls == 1 and self._calls and sorted(self._calls) == self._names:
             self._stop_after = self._calls[-1]
         self._block_calls += 1
         self._calls = []
@@ -107,15 +110,37 @@ class _StatHooks:
         self._first_inputs.clear()
 
 
+def _lm_head(adapter, model, config) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the LM head when the config prunes it, else None."""
+    if not config.lm_head:
+        return None
+    head = adapter.lm_head(model)
+    if not isinstance(head, LINEAR_TYPES):
+        raise SparselmError(f"lm_head=True: the LM head is a {type(head).__name__}, not a linear layer sparselm "
+                            "can prune; leave lm_head off")
+    embedding = adapter.embedding(model)
+    if linear_weight(head).data_ptr() == embedding.weight.data_ptr():
+        raise SparselmError("lm_head=True: the LM head shares its weight with the input embedding "
+                            "(tie_word_embeddings), so pruning it would prune the embedding too; untie them "
+                            "first (model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())) or "
+                            "leave lm_head off")
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name, head
+
+
 def _measure(adapter, model, config) -> tuple[dict[str, float], float]:
     prefix = adapter.blocks_prefix(model)
+    named = [(f"{prefix}.{i}.{name}", mod) for i, block in enumerate(adapter.blocks(model))
+             for name, mod in _prunable(adapter, block, config).items()]
+    head = _lm_head(adapter, model, config)
+    if head is not None:
+        named.append(head)
     per_layer, zeros, total = {}, 0, 0
-    for i, block in enumerate(adapter.blocks(model)):
-        for name, mod in _prunable(adapter, block, config).items():
-            w = linear_weight(mod)
-            z = int((w == 0).sum())
-            per_layer[f"{prefix}.{i}.{name}"] = z / w.numel()
-            zeros, total = zeros + z, total + w.numel()
+    for name, mod in named:
+        w = linear_weight(mod)
+        z = int((w == 0).sum())
+        per_layer[name] = z / w.numel()
+        zeros, total = zeros + z, total + w.numel()
     return per_layer, zeros / max(1, total)
 
 
@@ -142,6 +167,9 @@ def _check_layers(adapter, model, config):
     for i, block in enumerate(adapter.blocks(model)):
         for name, mod in _prunable(adapter, block, config).items():
             check_nm_width(pattern, linear_weight(mod).shape[1], f"{prefix}.{i}.{name}")
+    head = _lm_head(adapter, model, config)
+    if head is not None:
+        check_nm_width(pattern, linear_weight(head[1]).shape[1], head[0])
 
 
 def sparsify(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor | None = None, *,
@@ -169,10 +197,21 @@ def sparsify(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor | No
         if config.owl:
             block_sparsity = _owl_block_sparsities(model, config, calib_ids, batch_size, device, progress)
 
+        needs_h = isinstance(config, SparseGPT) or config.refine > 0
+        make = (lambda c, d: HessianAccumulator(c, d)) if needs_h else (lambda c, d: InputNormAccumulator(c, d))
+
+        def prune_layer(mod: nn.Module, acc, s: float) -> None:
+            dense = linear_weight(mod).float()
+            if isinstance(config, SparseGPT):
+                w, keep = sparsegpt_prune(dense, acc.hessian, s, pattern, config.blocksize, config.percdamp)
+            else:
+                w, keep = wanda_prune(dense, acc.sq_mean, s, pattern)
+            if config.refine > 0:
+                w = refine_kept_weights(w, dense, acc.hessian, keep, iters=config.refine)
+            set_linear_weight(mod, w)
+
         def process(ctx: BlockContext):
             layers = _prunable(adapter, ctx.block, config)
-            needs_h = isinstance(config, SparseGPT) or config.refine > 0
-            make = (lambda c, d: HessianAccumulator(c, d)) if needs_h else (lambda c, d: InputNormAccumulator(c, d))
             hooks = _StatHooks(layers, make, ctx.block)
             ctx.forward()
             hooks.remove()
@@ -181,17 +220,28 @@ def sparsify(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor | No
                 acc = hooks.acc.get(name)
                 if acc is None:  # layer never called (e.g. a routed expert with no tokens): leave it dense
                     continue
-                dense = linear_weight(mod).float()
-                if isinstance(config, SparseGPT):
-                    w, keep = sparsegpt_prune(dense, acc.hessian, s, pattern, config.blocksize, config.percdamp)
-                else:
-                    w, keep = wanda_prune(dense, acc.sq_mean, s, pattern)
-                if config.refine > 0:
-                    w = refine_kept_weights(w, dense, acc.hessian, keep, iters=config.refine)
-                set_linear_weight(mod, w)
+                prune_layer(mod, acc, s)
+
+        head = _lm_head(adapter, model, config)
+
+        @torch.no_grad()
+        def prune_head(outputs: list[torch.Tensor]) -> None:
+            """The LM head, on the final norm of the pruned stack's outputs, at the mean sparsity."""
+            norm, mod = adapter.final_norm(model), head[1]
+            homes = [(m, next(m.parameters()).device) for m in (norm, mod) if any(True for _ in m.parameters())]
+            on = outputs[0].device
+            for m, _ in homes:
+                m.to(on)
+            acc = make(linear_weight(mod).shape[1], on)
+            for out in outputs:
+                acc.add(norm(out).to(linear_weight(mod).dtype))
+            prune_layer(mod, acc, config.sparsity)
+            for m, home in homes:
+                m.to(home)
 
         run_blockwise(model, calib_ids, process, batch_size=batch_size, device=device, progress=progress,
-                      desc=f"{config.name} {pattern if pattern.is_nm else f'{config.sparsity:.0%}'}")
+                      desc=f"{config.name} {pattern if pattern.is_nm else f'{config.sparsity:.0%}'}",
+                      after_last=prune_head if head is not None else None)
     seconds = time.perf_counter() - t0
     per_layer, overall = _measure(adapter, model, config)
     calib = {} if calib_ids is None or not config.needs_calibration else \
@@ -205,6 +255,9 @@ def sparsify(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor | No
 def _magnitude(adapter, model, config: Magnitude) -> None:
     pattern = config.parsed_pattern
     layers = [m for b in adapter.blocks(model) for m in _prunable(adapter, b, config).values()]
+    head = _lm_head(adapter, model, config)
+    if head is not None:
+        layers.append(head[1])
     if config.scope == "global":
         thr = global_magnitude_threshold([linear_weight(m) for m in layers], config.sparsity)
         for m in layers:

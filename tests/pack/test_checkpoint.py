@@ -82,3 +82,36 @@ def test_existing_output_is_not_overwritten(tmp_path):
     with pytest.raises(SparselmError, match="already exists"):
         save_packed(pruned_llama(0.5), None, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_pruned_lm_head_is_packed_saved_and_decoded(tmp_path):
+    """A head pruned with lm_head=True is packed like the block linears, round-trips through a
+    packed checkpoint, and runs inside the lean decoder's C++ step."""
+    from sparselm.bench.lean_decode import LeanDecoder
+    from sparselm.prune import Magnitude, sparsify
+
+    model = pruned_llama(0.7)
+    sparsify(model, Magnitude(0.7, lm_head=True), progress=False)
+    ids = torch.randint(0, 512, (1, 11))
+    dense_logits = logits(model, ids)
+    pack(model, "bitmask", progress=False)
+    assert type(model.lm_head).__name__ == "SparseLinear"
+    torch.testing.assert_close(logits(model, ids), dense_logits, rtol=1e-5, atol=1e-5)
+    save_packed(model, None, tmp_path / "out")
+    again, _ = load_packed(tmp_path / "out")
+    assert type(again.lm_head).__name__ == "SparseLinear"
+    assert torch.equal(logits(again, ids), logits(model, ids))
+    dec = LeanDecoder(again, max_len=16)
+    assert dec.fast_path_reason is None and dec._stack_has_head
+    dec.step(ids[:, :10])
+    torch.testing.assert_close(dec.step(ids[:, 10:]), logits(model, ids)[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_dense_or_tied_lm_head_is_not_packed():
+    model = pruned_llama(0.7, tie=True)
+    model.model.embed_tokens.weight.data[:, ::2] = 0  # zeros, but the head is the embedding
+    pack(model, "bitmask", progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # tied: not packed
+    model = pruned_llama(0.7)
+    pack(model, "bitmask", progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # untied but dense: not a packing candidate
