@@ -247,7 +247,6 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
   const float* sin = sin_.data_ptr<float>() + pos * hd;
   const float scale = static_cast<float>(scaling_);
   x = x.contiguous().clone();  // the residual stream, updated in place
-  std::vector<float> scores(S);
   for (int64_t l = 0; l < num_blocks(); ++l) {
     const DecodeBlock& blk = blocks_[l];
     const at::Tensor h = rms_norm_rows(x, blk.norm1, blk.eps1);
@@ -267,12 +266,18 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
         std::copy(vp + src, vp + src + hd, vc + dst);
       }
     // softmax(q K^T * scale) V for every (batch, head); head h reads key-value group h / group.
+    // Heads are independent: the threads take whole heads once the cache is long enough.
     auto attn = at::empty({B, heads_ * hd}, x.options());
     const float* qp = q.data_ptr<float>();
     float* ap = attn.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < heads_; ++h) {
-        const float* qh = qp + (b * heads_ + h) * hd;
+    const int threads = std::min<int64_t>(num_threads_for(B * heads_ * S * hd * 2), B * heads_);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> scores(S);
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < B * heads_; ++bh) {
+        const int64_t b = bh / heads_, h = bh % heads_;
+        const float* qh = qp + bh * hd;
         const int64_t kv_base = (b * kv_heads_ + h / group) * max_len * hd;
         const float* keys = kc + kv_base;
         const float* vals = vc + kv_base;
@@ -286,20 +291,33 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
           top = std::max(top, scores[s]);
         }
         float total = 0.f;
-        for (int64_t s = 0; s < S; ++s) {
+        int64_t s = 0;
+#if SPARSELM_AVX512
+        __m512 sum16 = _mm512_setzero_ps();
+        const __m512 top16 = _mm512_set1_ps(top);
+        for (; s < S; s += 16) {
+          const __mmask16 m = tail_mask(S - s);
+          const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores.data() + s), top16)));
+          _mm512_mask_storeu_ps(scores.data() + s, m, e);
+          sum16 = _mm512_add_ps(sum16, e);
+        }
+        total = _mm512_reduce_add_ps(sum16);
+#endif
+        for (; s < S; ++s) {
           scores[s] = std::exp(scores[s] - top);
           total += scores[s];
         }
-        float* out = ap + (b * heads_ + h) * hd;
+        float* out = ap + bh * hd;
         std::fill(out, out + hd, 0.f);
         const float inv = 1.f / total;
-        for (int64_t s = 0; s < S; ++s) {
-          const float p = scores[s] * inv;
-          const float* vs = vals + s * hd;
+        for (int64_t s2 = 0; s2 < S; ++s2) {
+          const float p = scores[s2] * inv;
+          const float* vs = vals + s2 * hd;
 #pragma omp simd
           for (int64_t i = 0; i < hd; ++i) out[i] += p * vs[i];
         }
       }
+    }
     x.add_(blk.o(attn));
     const at::Tensor h2 = rms_norm_rows(x, blk.norm2, blk.eps2);
     const std::vector<at::Tensor> gate_up = project_all(h2, {&blk.gate, &blk.up});
