@@ -155,6 +155,17 @@ void bitmask_to_dense_t(const uint8_t* mp, int64_t row_bytes, const int64_t* op,
 
 }  // namespace
 
+// Rows [r0, r1) of y = W x for one fp32 input row x [K] (batch 1), inside a caller's parallel
+// region (the decode step runs several projections of the same input in one region).
+void bitmask_rows_batch1(const float* x, const at::Tensor& mask, const at::Tensor& offsets, const at::Tensor& values,
+                         float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
+  SPARSELM_DISPATCH_VALUES(values, "bitmask", [&] {
+    bitmask_rows<scalar_t, 1>(x, K, mask.data_ptr<uint8_t>(), mask.size(1), offsets.data_ptr<int64_t>(),
+                              values.data_ptr<scalar_t>(), y, N, K, r0, r1);
+    return 0;
+  });
+}
+
 // Decode to the dense [N, K] weight in the values' dtype (for prefill-sized batches, where a
 // dense GEMM beats every sparse kernel): one expand per 16 columns, rows in parallel.
 at::Tensor bitmask_to_dense(at::Tensor mask, at::Tensor offsets, at::Tensor values, int64_t in_features,

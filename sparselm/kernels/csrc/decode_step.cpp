@@ -15,6 +15,8 @@ at::Tensor csr_linear(at::Tensor x, at::Tensor crow, at::Tensor col, at::Tensor 
                       c10::optional<at::Tensor> bias, int64_t in_features, int64_t out_features);
 at::Tensor nm_linear(at::Tensor x, at::Tensor idx, at::Tensor values, c10::optional<at::Tensor> bias, int64_t n,
                      int64_t m, int64_t in_features);
+void bitmask_rows_batch1(const float* x, const at::Tensor& mask, const at::Tensor& offsets, const at::Tensor& values,
+                         float* y, int64_t K, int64_t N, int64_t r0, int64_t r1);
 
 namespace {
 
@@ -87,21 +89,33 @@ void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, 
   }
 }
 
-// Batch-1 products of one input with several dense fp32 projections in one parallel region:
-// the threads split the projections' concatenated rows. At decode sizes (a few hundred rows)
-// a region per product, or ATen's linear with its dispatch and allocation, costs as much as
-// the arithmetic. outputs[i] is [1, out_features of projections[i]] (bias added).
-void dense_gemvs(const float* x, const std::vector<const Projection*>& projections,
-                 const std::vector<at::Tensor>& outputs) {
+bool dense_fp32(const Projection& p) {
+  return p.kind == 0 && p.tensors[0].scalar_type() == at::kFloat && p.tensors[0].is_contiguous() &&
+         (!p.bias.has_value() || p.bias->scalar_type() == at::kFloat);
+}
+
+// Projections a batch-1 step can run inside a shared parallel region: dense fp32 (own GEMV)
+// and bitmask-packed (the bitmask kernel's row loop).
+bool batch1_capable(const Projection& p) {
+  return dense_fp32(p) || (p.kind == 2 && (!p.bias.has_value() || p.bias->scalar_type() == at::kFloat));
+}
+
+// Batch-1 products of one input with several projections in one parallel region: the threads
+// split the projections' concatenated rows. At decode sizes (a few hundred rows) a region per
+// product, with ATen's dispatch and allocation around it, costs as much as the arithmetic.
+// outputs[i] is [1, out_features of projections[i]] (bias added).
+void batch1_products(const float* x, const std::vector<const Projection*>& projections,
+                     const std::vector<at::Tensor>& outputs) {
   const size_t n = projections.size();
   std::vector<int64_t> first(n + 1, 0);
-  int64_t macs = 0;
+  int64_t work = 0;
   for (size_t i = 0; i < n; ++i) {
-    first[i + 1] = first[i] + projections[i]->out_features;
-    macs += projections[i]->out_features * projections[i]->in_features;
+    const Projection& p = *projections[i];
+    first[i + 1] = first[i] + p.out_features;
+    work += p.kind == 0 ? p.out_features * p.in_features : p.tensors[2].numel();
   }
   const int64_t total = first[n];
-  const int threads = num_threads_for(macs);
+  const int threads = num_threads_for(work);
 #pragma omp parallel num_threads(threads)
   {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
@@ -109,9 +123,13 @@ void dense_gemvs(const float* x, const std::vector<const Projection*>& projectio
     const int64_t lo = std::min(total, id * chunk), hi = std::min(total, (id + 1) * chunk);
     for (size_t i = 0; i < n && lo < hi; ++i) {
       const int64_t a = std::max(lo, first[i]) - first[i], b = std::min(hi, first[i + 1]) - first[i];
-      if (a < b) {
-        const Projection& p = *projections[i];
-        gemv_rows(x, p.tensors[0].data_ptr<float>(), outputs[i].data_ptr<float>(), p.in_features, a, b);
+      if (a >= b) continue;
+      const Projection& p = *projections[i];
+      float* y = outputs[i].data_ptr<float>();
+      if (p.kind == 0) {
+        gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, a, b);
+      } else {
+        bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, a, b);
       }
     }
   }
@@ -119,21 +137,16 @@ void dense_gemvs(const float* x, const std::vector<const Projection*>& projectio
     if (projections[i]->bias.has_value()) outputs[i].add_(*projections[i]->bias);
 }
 
-bool dense_fp32(const Projection& p) {
-  return p.kind == 0 && p.tensors[0].scalar_type() == at::kFloat && p.tensors[0].is_contiguous() &&
-         (!p.bias.has_value() || p.bias->scalar_type() == at::kFloat);
-}
-
 }  // namespace
 
-// The projections of one input: batch-1 dense ones share one parallel region, the rest run
-// one by one.
+// The projections of one input: at batch 1 the dense and bitmask ones share one parallel
+// region, the rest run one by one.
 std::vector<at::Tensor> project_all(const at::Tensor& x, const std::vector<const Projection*>& projections) {
   std::vector<at::Tensor> out(projections.size());
   std::vector<const Projection*> batched;
   std::vector<at::Tensor> batched_out;
   for (size_t i = 0; i < projections.size(); ++i) {
-    if (x.size(0) == 1 && dense_fp32(*projections[i])) {
+    if (x.size(0) == 1 && batch1_capable(*projections[i])) {
       out[i] = at::empty({1, projections[i]->out_features}, x.options());
       batched.push_back(projections[i]);
       batched_out.push_back(out[i]);
@@ -141,14 +154,15 @@ std::vector<at::Tensor> project_all(const at::Tensor& x, const std::vector<const
       out[i] = (*projections[i])(x).contiguous();
     }
   }
-  if (!batched.empty()) dense_gemvs(x.data_ptr<float>(), batched, batched_out);
+  if (!batched.empty()) batch1_products(x.data_ptr<float>(), batched, batched_out);
   return out;
 }
 
 at::Tensor Projection::operator()(const at::Tensor& x) const {
+  if (x.size(0) == 1 && x.is_contiguous() && x.scalar_type() == at::kFloat && batch1_capable(*this))
+    return project_all(x, {this})[0];
   switch (kind) {
     case 0:
-      if (x.size(0) == 1 && x.is_contiguous() && dense_fp32(*this)) return project_all(x, {this})[0];
       return at::linear(x, tensors[0], bias);
     case 1:
       return csr_linear(x, tensors[0], tensors[1], tensors[2], bias, in_features, out_features);
