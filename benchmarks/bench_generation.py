@@ -218,7 +218,7 @@ def main():
           f"({dense['runtime']}, {dense['threads']} thread(s)) (target >= 1.5x: {'met' if speedup >= 1.5 else 'NOT met'})")
     print(f"resident weight memory: {smallest['variant']} {memory:.2f}x dense for the whole model (target <= 0.5x: "
           f"{'met' if memory <= 0.5 else 'NOT met'}); {linear_memory:.2f}x for the linear layers "
-          f"(the LM head stays dense)")
+          f"({'the LM head pruned and packed too' if args.lm_head else 'the LM head stays dense'})")
     summary = {"results": results, "per_runtime": per_runtime,
                "runs": {f"{rt}/{t}": s for (rt, t), s in summaries.items()}}
     print(json.dumps({"benchmark": "generation", "model": args.model, "sparsity": args.sparsity,
