@@ -214,6 +214,9 @@ def test_top_k_groups_choose_like_top_k_routing_with_ties(top_k):
     assert groups.token_index[rows_KT].tolist() == ref.token_index.tolist()
     assert expert_A[rows_KT].tolist() == ref.expert_index.tolist()
     assert groups.selected_counts.tolist() == ref.selected_counts.tolist()
+    # and the tie rule is the documented one: equal scores go to the lower expert index
+    want_TK = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    assert ref.expert_index.view(top_k, -1).t().tolist() == want_TK.tolist()
 
 
 def test_grouped_mm_probe_ignores_grad_mode():
