@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselm.moe.experts import SwiGLUExperts, grouped_mm_available
-from sparselm.moe.fused import fused_kernels, rows_sum
+from sparselm.moe.fused import fused_kernels, rows_sum, swiglu
 from sparselm.moe.routing import ExpertGroups, Routing, dense_gate_matrix
 
 DISPATCH_METHODS = ("auto", "sorted", "grouped_mm", "naive")
@@ -144,11 +144,10 @@ _GROUPED_MM_MAX_ROWS = 2048
 
 def _expert_rows_grouped_mm(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUExperts) -> torch.Tensor:
     """Expert outputs [A, D] with one `torch._grouped_mm` per projection."""
-    hidden = experts.expert_hidden
     offsets = torch.tensor(groups.counts, device=x_TD.device).cumsum(0).to(torch.int32)  # [E] end offsets
     x_AD = x_TD.index_select(0, groups.token_index)
     h_A2F = torch._grouped_mm(x_AD, experts.gate_up_E2FD.transpose(-2, -1), offs=offsets)
-    act_AF = F.silu(h_A2F[:, :hidden], inplace=True).mul_(h_A2F[:, hidden:]).contiguous()
+    act_AF = swiglu(h_A2F)  # [A, F], contiguous
     return torch._grouped_mm(act_AF, experts.down_EDF.transpose(-2, -1), offs=offsets)
 
 
