@@ -5,10 +5,13 @@
 // hundred per block, which together cost more than the block's weights. `DecodeStack` runs the
 // same arithmetic (RMSNorm in fp32, rotary embedding from the model's own cos/sin table,
 // in-place KV cache, softmax attention with grouped KV heads, SwiGLU MLP, residuals) in plain
-// loops, and each projection through the same matmul the Python forward would call: dense
-// weights through ATen's `at::linear` (what `nn.Linear` runs), packed weights through the
-// sparse kernels. Dense and packed models pay the same per-step cost, so what differs
-// between them is what the weights cost. fp32 activations only.
+// loops, optionally with the embedding lookup, final norm and LM head (`step_tokens`). At
+// batch 1, dense fp32 and bitmask-packed projections of the same input run in one parallel
+// region (dense through a 4-row GEMV, packed through the bitmask row kernel): at::linear's
+// dispatch and a region per product cost as much as a 256-wide product. Other formats and
+// batch sizes go through the sparse kernels' entry points and `at::linear` (what `nn.Linear`
+// runs). Dense and packed models pay the same per-step cost, so what differs between them is
+// what the weights cost. fp32 activations only.
 #pragma once
 
 #include <ATen/ATen.h>
