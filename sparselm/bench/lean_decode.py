@@ -12,12 +12,13 @@ layer, which is what a lean serving loop does. Its logits equal the transformers
 Single-token steps of fp32 models on CPU go further when the C++ extension is built: the
 embedding lookup, the whole stack of blocks, the final norm and the LM head run in one call
 (`DecodeStack`, kernels/csrc/decode_step.cpp), the norms, rotary embedding, cache writes and
-attention as plain loops, packed projections (`SparseLinear`) through the sparse kernels and
-dense `nn.Linear` ones at batch 1 through a dense GEMV that shares one parallel region
-among the projections of the same input (q/k/v, gate/up); at larger batches through
-`at::linear`, what `nn.Linear` runs. Dense and packed models take the same path, so the
-per-step cost they share shrinks and what their weights cost is what differs. Prefill, other dtypes, other projection
-modules or a model the stack does not fit run the Python loop; `fast_path_reason` says why.
+attention as plain loops; at batch 1 the projections of one input (q/k/v, gate/up) share one
+parallel region (dense `nn.Linear` through the stack's own GEMV, bitmask-packed `SparseLinear`
+through the bitmask row kernel), other formats and batch sizes go through the sparse kernels
+and `at::linear` (what `nn.Linear` runs). Dense and packed models take the same path, so the
+per-step cost they share shrinks and what their weights cost is what differs. Prefill, other
+dtypes, other projection modules or a model the stack does not fit run the Python loop;
+`fast_path_reason` says why.
 The stack reads the modules' weight tensors in place: build the decoder after the model is final
 (packing or replacing a module afterwards is not seen by an existing decoder).
 
@@ -79,7 +80,7 @@ class LeanDecoder:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=param.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=param.device)
         self.max_len, self.batch_size, self.pos = max_len, batch_size, 0
-        self._stack_has_head = self._stack_has_embedding = False
+        self._stack_full = False  # embedding, blocks, final norm and LM head all in the C++ step
         self._stack, self.fast_path_reason = (None, "turned off (fast=False)") if not fast else \
             self._build_stack(cfg)
 
@@ -124,20 +125,15 @@ class LeanDecoder:
                 stack.add_block(norms[0][0], norms[0][1], norms[1][0], norms[1][1], specs)
             except RuntimeError as err:  # shapes the stack does not fit (e.g. per-layer head counts)
                 return None, f"layer {i}: {str(err).splitlines()[0]}"
-        # The final norm and LM head join the C++ step when they fit it (else they run in Python).
-        norm, head = _rms_norm_parts(self.inner.norm), _projection_spec(self.head)
-        if norm is not None and head is not None:
-            try:
-                stack.set_head(norm[0], norm[1], head)
-                self._stack_has_head = True
-            except RuntimeError:
-                pass
-        embed = self.inner.embed_tokens
-        if self._stack_has_head and type(embed) is nn.Embedding and embed.max_norm is None \
+        # Embedding lookup, final norm and LM head join the C++ step when they fit it (else
+        # the stack runs the blocks and they run in Python).
+        norm, head, embed = _rms_norm_parts(self.inner.norm), _projection_spec(self.head), self.inner.embed_tokens
+        if norm is not None and head is not None and type(embed) is nn.Embedding and embed.max_norm is None \
                 and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
             try:
+                stack.set_head(norm[0], norm[1], head)
                 stack.set_embedding(embed.weight.detach())
-                self._stack_has_embedding = True
+                self._stack_full = True
             except RuntimeError:
                 pass
         return stack, None
@@ -154,7 +150,7 @@ class LeanDecoder:
         if end > self.max_len:
             raise SparselmError(f"{end} positions exceed the cache of {self.max_len}; build the decoder with a "
                                 f"larger max_len")
-        if T == 1 and self._stack_has_embedding:
+        if T == 1 and self._stack_full:
             # Embedding, every block, final norm and LM head in one C++ call. No autograd
             # bookkeeping to switch off: the stack's tensors are detached.
             logits = self._stack.step_tokens(ids, start)  # [B, V]
@@ -168,8 +164,6 @@ class LeanDecoder:
         x = self.inner.embed_tokens(ids)  # [B, T, D]
         if T == 1 and self._stack is not None:
             self.pos = end
-            if self._stack_has_head:  # blocks, final norm and LM head in one C++ call
-                return self._stack.step_logits(x.view(B, -1), start)  # [B, V]
             x = self._stack.step(x.view(B, -1), start).view(B, 1, -1)  # every block, one C++ call
             return self.head(self.inner.norm(x))[:, -1]  # [B, V]
         positions = torch.arange(start, end, device=ids.device).unsqueeze(0)  # [1, T]

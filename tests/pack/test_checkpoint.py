@@ -102,7 +102,7 @@ def test_pruned_lm_head_is_packed_saved_and_decoded(tmp_path):
     assert type(again.lm_head).__name__ == "SparseLinear"
     assert torch.equal(logits(again, ids), logits(model, ids))
     dec = LeanDecoder(again, max_len=16)
-    assert dec.fast_path_reason is None and dec._stack_has_head
+    assert dec.fast_path_reason is None and dec._stack_full  # the packed head runs in the C++ step
     dec.step(ids[:, :10])
     torch.testing.assert_close(dec.step(ids[:, 10:]), logits(model, ids)[:, -1], rtol=1e-4, atol=1e-4)
 

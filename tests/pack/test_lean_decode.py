@@ -126,7 +126,7 @@ def test_cpp_decode_step_equals_the_python_loop(fmt, batch):
     fast_dec, fast = decode_logits(model, ids, 6, fast=True)
     slow_dec, slow = decode_logits(model, ids, 6, fast=False)
     assert fast_dec.fast_path_reason is None and slow_dec.fast_path_reason is not None
-    assert fast_dec._stack_has_embedding  # embedding, blocks, norm and head: one C++ call per token
+    assert fast_dec._stack_full  # embedding, blocks, norm and head: one C++ call per token
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     # and the stack's keys and values are the ones the Python loop caches
     torch.testing.assert_close(fast_dec.k_cache, slow_dec.k_cache, rtol=1e-5, atol=1e-5)
@@ -157,3 +157,16 @@ def test_cpp_decode_step_says_why_it_is_not_used():
     assert "layer 1" in reason and "Sequential" in reason
     model = random_llama(seed=6, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     assert "dynamic" in LeanDecoder(model, max_len=8).fast_path_reason
+
+
+@needs_extension
+def test_cpp_blocks_with_a_head_the_step_does_not_take():
+    """An LM head the C++ step cannot run (here wrapped in a Sequential) stays in Python while
+    the blocks still run in C++; the logits are those of the Python loop."""
+    model = random_llama(seed=7)
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    fast_dec, fast = decode_logits(model, ids, 4, fast=True)
+    _, slow = decode_logits(model, ids, 4, fast=False)
+    assert fast_dec.fast_path_reason is None and not fast_dec._stack_full
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)

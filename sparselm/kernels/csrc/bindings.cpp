@@ -20,7 +20,7 @@ at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int6
                         int64_t out_features);
 at::Tensor nm_to_dense(at::Tensor idx, at::Tensor values, int64_t n, int64_t m, int64_t in_features);
 at::Tensor dense_gemv(at::Tensor x, at::Tensor w);
-at::Tensor swiglu_forward(at::Tensor h, c10::optional<at::Tensor> out);
+at::Tensor swiglu_forward(at::Tensor h);
 at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act);
 at::Tensor rows_sum(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights);
 std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights,
@@ -44,8 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &sparselm::dense_gemv, "x[1,K] @ W.T, dense, same threads as the sparse kernels");
   m.def("obs_prune_block", &sparselm::obs_prune_block,
         "SparseGPT's column loop over one block, row-parallel, in place (W, prune, err)");
-  m.def("swiglu_forward", &sparselm::swiglu_forward, "silu(h[:, :F]) * h[:, F:] for h [rows, 2F], one pass",
-        pybind11::arg("h"), pybind11::arg("out") = pybind11::none());
+  m.def("swiglu_forward", &sparselm::swiglu_forward, "silu(h[:, :F]) * h[:, F:] for h [rows, 2F], one pass");
   m.def("swiglu_backward", &sparselm::swiglu_backward, "gradient of swiglu_forward w.r.t. h, one pass");
   m.def("rows_sum", &sparselm::rows_sum, "out[t] = sum_k w[t, k] * src[rows[t, k]] (fp32 accumulation)");
   m.def("rows_sum_backward", &sparselm::rows_sum_backward,
@@ -64,7 +63,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_block", &sparselm::DecodeStack::add_block)
       .def("set_head", &sparselm::DecodeStack::set_head)
       .def("step", &sparselm::DecodeStack::step, pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("step_logits", &sparselm::DecodeStack::step_logits, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_embedding", &sparselm::DecodeStack::set_embedding)
       .def("step_tokens", &sparselm::DecodeStack::step_tokens, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks);

@@ -67,7 +67,7 @@ void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, 
     const float* w3 = w2 + K;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 16) {
-      const __mmask16 m = K - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - c)) - 1u);
+      const __mmask16 m = tail_mask(K - c);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + c);
       a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + c), xv, a0);
       a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + c), xv, a1);
@@ -352,11 +352,9 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
     const int64_t n = gate.numel();
     int64_t i = 0;
 #if SPARSELM_AVX512
-    const __m512 one = _mm512_set1_ps(1.f);
     for (; i + 16 <= n; i += 16) {  // silu(gate) * up, 16 at a time
       const __m512 g = _mm512_loadu_ps(gp + i);
-      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      _mm512_storeu_ps(gp + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up_p + i)));
+      _mm512_storeu_ps(gp + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), _mm512_loadu_ps(up_p + i)));
     }
 #endif
     for (; i < n; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up_p[i];  // silu(gate) * up

@@ -51,7 +51,7 @@ class DecodeStack {
   // projections in the order q, k, v, o, gate, up, down.
   void add_block(at::Tensor norm1, double eps1, at::Tensor norm2, double eps2,
                  const std::vector<ProjectionSpec>& projections);
-  // The model's final norm and LM head, for `step_logits`.
+  // The model's final norm and LM head, for `step_tokens`.
   void set_head(at::Tensor norm, double eps, const ProjectionSpec& head);
   // x: [B, D] hidden states of the token at position `pos`; returns the stack's output [B, D].
   at::Tensor step(at::Tensor x, int64_t pos) const;
