@@ -14,7 +14,7 @@ MaxVio after training (mean over layers) on the held-out windows and over the la
 training steps, wall time. The MoE gates are scaled by k (see MoEConfig.gate_scale). One PNG
 holds the loss curves and the final perplexities.
 
-    nice python benchmarks/bench_moe_training.py [--steps 300] [--threads 1] [--plot moe_training.png]
+    nice python benchmarks/bench_moe_training.py [--steps 300] [--threads 1] [--plot reports/moe_training.png]
 Prints a Markdown table, then one JSON line.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runs", default="dense,moe_aux,moe_bias,moe_none")
-    p.add_argument("--plot", default="moe_training.png", help="PNG path for the loss curves")
+    p.add_argument("--plot", default="reports/moe_training.png", help="PNG path for the loss curves")
     return p.parse_args(argv)
 
 
@@ -84,6 +85,7 @@ def plot(results: dict, path: str) -> None:
     ax_ppl.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"  # written beside the target, then moved into place whole
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
 

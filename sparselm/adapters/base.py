@@ -77,6 +77,10 @@ class ModelAdapter:
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.get_output_embeddings()
 
+    def lm_head_tied(self, model: nn.Module) -> bool:
+        """Whether the LM head's weight is the input embedding's (tie_word_embeddings)."""
+        return linear_weight(self.lm_head(model)).data_ptr() == self.embedding(model).weight.data_ptr()
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm_path)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -55,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
                                  new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.json,
                                  runtime=args.runtime)
     summary["model"] = str(args.model)
-    import os
-
     summary["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     if args.json:
         from sparselm.cli.common import print_json

@@ -28,16 +28,9 @@ import torch.nn.functional as F
 
 from sparselm.moe.experts import SwiGLUExperts, grouped_mm_available
 from sparselm.moe.fused import fused_kernels, rows_sum, swiglu
-from sparselm.moe.routing import ExpertGroups, Routing, dense_gate_matrix
+from sparselm.moe.routing import ExpertGroups, Routing, dense_gate_matrix, sort_by_expert
 
 DISPATCH_METHODS = ("auto", "sorted", "grouped_mm", "naive")
-
-
-def sort_by_expert(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """Permutation that groups assignments by expert (stable), and the group sizes."""
-    order = torch.argsort(expert_index, stable=True)  # [A]
-    counts = torch.bincount(expert_index, minlength=num_experts).tolist()  # E ints (host sync)
-    return order, counts
 
 
 def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts,

@@ -262,10 +262,16 @@ def _group_choices(choice_TK: torch.Tensor, num_experts: int):
     return rows_TK, token_A, counts_E
 
 
+def sort_by_expert(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """Permutation that groups assignments by expert (stable), and the group sizes."""
+    order = torch.argsort(expert_index, stable=True)  # [A]
+    counts = torch.bincount(expert_index, minlength=num_experts).tolist()  # E ints (host sync)
+    return order, counts
+
+
 def group_by_expert(routing: Routing, num_experts: int) -> ExpertGroups:
     """Any `Routing` (capacity-limited top-k, expert choice) grouped by expert: the stable
     sort of `dispatch_sorted`, so each expert sees its rows in the same order."""
-    order = torch.argsort(routing.expert_index, stable=True)  # [A]
-    counts = torch.bincount(routing.expert_index, minlength=num_experts).tolist()
+    order, counts = sort_by_expert(routing.expert_index, num_experts)
     return ExpertGroups(routing.token_index[order], counts, routing.gates[order], None, None, routing.logits,
                         routing.probs, routing.selected_counts, routing.kept_counts, routing.dropped_fraction)

@@ -107,13 +107,13 @@ def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, LINEAR_TYPES) and id(module) in names:
                 found[names[id(module)]] = module
     try:
-        head, embedding = adapter.lm_head(model), adapter.embedding(model)
+        head = adapter.lm_head(model)
+        sparse_head = isinstance(head, LINEAR_TYPES) and id(head) in names and not adapter.lm_head_tied(model) \
+            and bool((linear_weight(head) == 0).any())
     except (AttributeError, SparselmError):  # an adapter that does not know them: blocks only
-        return found
-    if isinstance(head, LINEAR_TYPES) and id(head) in names:
-        weight = linear_weight(head)
-        if weight.data_ptr() != embedding.weight.data_ptr() and bool((weight == 0).any()):
-            found[names[id(head)]] = head
+        sparse_head = False
+    if sparse_head:
+        found[names[id(head)]] = head
     return found
 
 

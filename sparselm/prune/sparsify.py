@@ -118,8 +118,7 @@ def _lm_head(adapter, model, config) -> tuple[str, nn.Module] | None:
     if not isinstance(head, LINEAR_TYPES):
         raise SparselmError(f"lm_head=True: the LM head is a {type(head).__name__}, not a linear layer sparselm "
                             "can prune; leave lm_head off")
-    embedding = adapter.embedding(model)
-    if linear_weight(head).data_ptr() == embedding.weight.data_ptr():
+    if adapter.lm_head_tied(model):
         raise SparselmError("lm_head=True: the LM head shares its weight with the input embedding "
                             "(tie_word_embeddings), so pruning it would prune the embedding too; untie them "
                             "first (model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())) or "
