@@ -169,6 +169,8 @@ def _check_layers(adapter, model, config):
     head = _lm_head(adapter, model, config)
     if head is not None:
         check_nm_width(pattern, linear_weight(head[1]).shape[1], head[0])
+        if config.needs_calibration:
+            adapter.final_norm(model)  # the head's calibration input: fail now, not after the blocks
 
 
 def sparsify(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor | None = None, *,

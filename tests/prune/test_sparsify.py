@@ -208,3 +208,17 @@ def test_lm_head_refused_when_tied():
     model.lm_head.weight = model.model.embed_tokens.weight
     with pytest.raises(SparselmError, match="tie_word_embeddings"):
         sparsify(model, Wanda(0.5, lm_head=True), torch.randint(0, 256, (2, 8)), progress=False)
+
+
+def test_lm_head_without_a_known_final_norm_fails_before_any_pruning(monkeypatch):
+    from sparselm.adapters.base import LlamaAdapter
+
+    def unknown(self, model):
+        raise SparselmError("this adapter does not know the final norm")
+
+    monkeypatch.setattr(LlamaAdapter, "final_norm", unknown)
+    model = _untied_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SparselmError, match="final norm"):
+        sparsify(model, SparseGPT(0.5, lm_head=True), torch.randint(0, 256, (2, 16)), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
