@@ -5,10 +5,12 @@ unstructured sparsity with SparseGPT (32 calibration windows), then measures in 
 dense execution of the pruned model, `pack(format="auto")` for batch 1, and every layer forced
 to csr and to bitmask, each at one thread and at --threads, through the transformers forward and
 through sparselm's lean decode loop (`sparselm.bench.lean_decode`: the same modules with a
-preallocated cache); the decode target compares the best packed run with the best dense run. Reports decode tokens/s (target >= 1.5x dense), resident weight memory
-(target <= 0.5x dense; the embeddings and, unless --lm-head, the LM head stay dense, so the
-ratio for the packed linears alone is shown too), prefill tokens/s, bandwidth, FLOPs per token, peak RSS, energy
-where measurable, and test perplexity of dense vs packed (packing must not change quality).
+preallocated cache); the decode target compares the best packed run with the best dense run.
+Reports decode tokens/s (target >= 1.5x dense), resident weight memory (target <= 0.5x dense;
+the embeddings and, unless --lm-head, the LM head stay dense, so the ratio for the packed
+linears alone is shown too), prefill tokens/s, bandwidth, FLOPs per token, peak RSS, energy
+where measurable, and test perplexity of the unpruned model and of the pruned one executed
+dense and packed (packing must not change quality).
 Prints a Markdown table, then one JSON line.
 
 OpenMP's wait policy decides how much a multi-threaded decode step pays to wake its threads for
@@ -142,29 +144,28 @@ def main():
     from sparselm.errors import SparselmError
     from sparselm.prune import Magnitude, SparseGPT, sparsify
 
-    start = time.perf_counter()
+    ppl_unpruned = ppl_dense = ppl_packed = None
     if args.shape:
         try:
             model = random_llama(args.shape)
         except SparselmError as err:
             parser.error(str(err))
         args.model = f"random Llama {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)"
+        start = time.perf_counter()
         sparsify(model, Magnitude(sparsity=args.sparsity, lm_head=args.lm_head), progress=False)
         method = "magnitude"
     else:
         model, tok = load(args.model)
         context = model.config.max_position_embeddings
         corpus = load_corpus(None)
-        calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
         test_ids = corpus_token_ids(tok, corpus, "test")
         ppl_unpruned = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
+        start = time.perf_counter()
+        calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
         sparsify(model, SparseGPT(sparsity=args.sparsity, lm_head=args.lm_head), calib, progress=False)
         method = "SparseGPT" + (" (LM head too)" if args.lm_head else "")
     prune_s = time.perf_counter() - start
-    ppl_dense = ppl_packed = None
-    if args.shape:
-        ppl_unpruned = None
-    else:
+    if not args.shape:
         ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
         packed = copy.deepcopy(model)
         pack(packed, "bitmask", progress=False)
