@@ -127,9 +127,36 @@ def test_cpp_decode_step_equals_the_python_loop(fmt, batch):
     slow_dec, slow = decode_logits(model, ids, 6, fast=False)
     assert fast_dec.fast_path_reason is None and slow_dec.fast_path_reason is not None
     assert fast_dec._stack_full  # embedding, blocks, norm and head: one C++ call per token
+    # batch 1 with dense or bitmask projections only: the whole step in one parallel region
+    assert fast_dec._stack.single_region == (batch == 1 and fmt in ("dense", "bitmask"))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     # and the stack's keys and values are the ones the Python loop caches
     torch.testing.assert_close(fast_dec.k_cache, slow_dec.k_cache, rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_single_region_step_for_any_thread_count(threads):
+    """The one-region step splits heads, rows and neurons between the threads: any split
+    (3 threads: uneven shares of 4 heads, 64 rows, a packed 256-row head) gives the Python
+    loop's logits and caches, with the LM head pruned and packed too."""
+    model = random_llama(seed=8, num_key_value_heads=2)
+    sparsify(model, Magnitude(sparsity=0.6, lm_head=True), progress=False)
+    dense_layer = copy.deepcopy(model.model.layers[1])
+    pack(model, "bitmask", progress=False)  # the sparse head is packed too
+    model.model.layers[1] = dense_layer  # one layer stays dense: both kinds in one step
+    assert isinstance(model.lm_head, SparseLinear)
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast_dec, fast = decode_logits(model, ids, 5, fast=True)
+    finally:
+        torch.set_num_threads(before)
+    slow_dec, slow = decode_logits(model, ids, 5, fast=False)
+    assert fast_dec._stack.single_region
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_dec.v_cache, slow_dec.v_cache, rtol=1e-5, atol=1e-5)
 
 
 @needs_extension

@@ -65,6 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &sparselm::DecodeStack::step, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_embedding", &sparselm::DecodeStack::set_embedding)
       .def("step_tokens", &sparselm::DecodeStack::step_tokens, pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks);
+      .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks)
+      .def_property_readonly("single_region", &sparselm::DecodeStack::single_region,
+                             "whether a token step runs in one parallel region (batch 1, dense fp32 or bitmask)");
   m.def("compiled_with_avx512", &sparselm::compiled_with_avx512, "whether the AVX-512 paths were compiled");
 }

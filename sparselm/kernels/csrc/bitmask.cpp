@@ -18,16 +18,19 @@ namespace {
 // ---------------------------------------------------------------------------------------
 #if SPARSELM_AVX512
 template <typename T, int BT>
-inline void bitmask_word(const float* x, int64_t ldx, int64_t col, uint64_t a, uint64_t b,
+inline void bitmask_word(const float* x, int64_t ldx, int64_t col, const uint64_t* wa, const uint64_t* wb,
                          const T* p0, const T* p1, __m512* acc0, __m512* acc1) {
+  const uint64_t a = *wa, b = *wb;
+  const uint16_t* ma = reinterpret_cast<const uint16_t*>(wa);
+  const uint16_t* mb = reinterpret_cast<const uint16_t*>(wb);
   const int oa1 = __builtin_popcountll(a & 0xFFFFull), ob1 = __builtin_popcountll(b & 0xFFFFull);
   const int oa2 = __builtin_popcountll(a & 0xFFFFFFFFull), ob2 = __builtin_popcountll(b & 0xFFFFFFFFull);
   const int oa3 = __builtin_popcountll(a & 0xFFFFFFFFFFFFull), ob3 = __builtin_popcountll(b & 0xFFFFFFFFFFFFull);
   const int offa[4] = {0, oa1, oa2, oa3}, offb[4] = {0, ob1, ob2, ob3};
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
-    const __m512 v0 = expand_values(p0 + offa[j], (uint16_t)(a >> (16 * j)));
-    const __m512 v1 = expand_values(p1 + offb[j], (uint16_t)(b >> (16 * j)));
+    const __m512 v0 = expand_values(p0 + offa[j], ma + j);  // little-endian: 16-bit slot j
+    const __m512 v1 = expand_values(p1 + offb[j], mb + j);
     for (int bb = 0; bb < BT; ++bb) {
       const __m512 xv = _mm512_loadu_ps(x + bb * ldx + col + 16 * j);
       acc0[bb] = _mm512_fmadd_ps(v0, xv, acc0[bb]);
@@ -58,10 +61,9 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
       prefetch_ahead(p0, kPrefetchBytes);
       prefetch_ahead(p1, kPrefetchBytes);
       if ((w & 7) == 0) prefetch_ahead(w0 + w, 2048);
-      const uint64_t a = w0[w], b = w1[w];
-      bitmask_word<T, BT>(x, ldx, 64 * w, a, b, p0, p1, acc0, acc1);
-      p0 += __builtin_popcountll(a);
-      p1 += __builtin_popcountll(b);
+      bitmask_word<T, BT>(x, ldx, 64 * w, w0 + w, w1 + w, p0, p1, acc0, acc1);
+      p0 += __builtin_popcountll(w0[w]);
+      p1 += __builtin_popcountll(w1[w]);
     }
     const uint16_t* m0 = reinterpret_cast<const uint16_t*>(w0);
     const uint16_t* m1 = reinterpret_cast<const uint16_t*>(w1);

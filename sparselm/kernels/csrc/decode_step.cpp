@@ -20,39 +20,91 @@ void bitmask_rows_batch1(const float* x, const at::Tensor& mask, const at::Tenso
 
 namespace {
 
-// y = x / sqrt(mean(x^2) + eps) * w, row by row, in fp32 (as Llama's RMSNorm computes it).
+// y = x / sqrt(mean(x^2) + eps) * w for one row of D values, in fp32 (as Llama's RMSNorm).
+void rms_norm_row(const float* x, const float* w, float* y, int64_t D, double eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
 at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t B = x.size(0), D = x.size(1);
   auto y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xr = xp + b * D;
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-    float* yr = yp + b * D;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) yr[i] = wp[i] * (xr[i] * inv);
-  }
+  for (int64_t b = 0; b < B; ++b)
+    rms_norm_row(x.data_ptr<float>() + b * D, w.data_ptr<float>(), y.data_ptr<float>() + b * D, D, eps);
   return y;
 }
 
-// In place: each head's vector v of `x` [B, heads * hd] becomes v * cos + rotate_half(v) * sin.
-void apply_rotary(at::Tensor& x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
-  const int64_t B = x.size(0), half = hd / 2;
-  float* p = x.data_ptr<float>();
-  for (int64_t r = 0; r < B * heads; ++r) {
-    float* v = p + r * hd;
+// In place: one head's vector v [hd] becomes v * cos + rotate_half(v) * sin.
+void rotate_head(float* v, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
 #pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = v[i], b = v[i + half];
-      v[i] = a * cos[i] - b * sin[i];
-      v[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = v[i], b = v[i + half];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + half] = b * cos[i + half] + a * sin[i + half];
   }
+}
+
+// In place, every head of `x` [B, heads * hd].
+void apply_rotary(at::Tensor& x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  float* p = x.data_ptr<float>();
+  for (int64_t r = 0; r < x.size(0) * heads; ++r) rotate_head(p + r * hd, hd, cos, sin);
+}
+
+// out [hd] = softmax(q . keys[s] * scale over s < S) weighted sum of vals[s]; keys and vals
+// [S, hd] rows of the cache; scores: scratch of at least S floats.
+void attend_head(const float* q, const float* keys, const float* vals, int64_t S, int64_t hd, float scale,
+                 float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* ks = keys + s * hd;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < hd; ++i) dot += q[i] * ks[i];
+    scores[s] = dot * scale;
+    top = std::max(top, scores[s]);
+  }
+  float total = 0.f;
+  int64_t s = 0;
+#if SPARSELM_AVX512
+  __m512 sum16 = _mm512_setzero_ps();
+  const __m512 top16 = _mm512_set1_ps(top);
+  for (; s < S; s += 16) {
+    const __mmask16 m = tail_mask(S - s);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), top16)));
+    _mm512_mask_storeu_ps(scores + s, m, e);
+    sum16 = _mm512_add_ps(sum16, e);
+  }
+  total = _mm512_reduce_add_ps(sum16);
+#endif
+  for (; s < S; ++s) {
+    scores[s] = std::exp(scores[s] - top);
+    total += scores[s];
+  }
+  std::fill(out, out + hd, 0.f);
+  const float inv = 1.f / total;
+  for (int64_t s2 = 0; s2 < S; ++s2) {
+    const float p = scores[s2] * inv;
+    const float* vs = vals + s2 * hd;
+#pragma omp simd
+    for (int64_t i = 0; i < hd; ++i) out[i] += p * vs[i];
+  }
+}
+
+// In place: g[i] = silu(g[i]) * u[i] for n values.
+void silu_mul(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#if SPARSELM_AVX512
+  for (; i + 16 <= n; i += 16) {
+    const __m512 a = _mm512_loadu_ps(g + i);
+    _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(a, sigmoid16(a)), _mm512_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
 // y[r] = <W[r], x> for rows [r0, r1) of a dense fp32 W [N, K], four rows per pass so that
@@ -89,15 +141,18 @@ void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, 
   }
 }
 
+bool fp32_bias(const Projection& p) {
+  return !p.bias.has_value() || (p.bias->scalar_type() == at::kFloat && p.bias->is_contiguous());
+}
+
 bool dense_fp32(const Projection& p) {
-  return p.kind == 0 && p.tensors[0].scalar_type() == at::kFloat && p.tensors[0].is_contiguous() &&
-         (!p.bias.has_value() || p.bias->scalar_type() == at::kFloat);
+  return p.kind == 0 && p.tensors[0].scalar_type() == at::kFloat && p.tensors[0].is_contiguous() && fp32_bias(p);
 }
 
 // Projections a batch-1 step can run inside a shared parallel region: dense fp32 (own GEMV)
 // and bitmask-packed (the bitmask kernel's row loop).
 bool batch1_capable(const Projection& p) {
-  return dense_fp32(p) || (p.kind == 2 && (!p.bias.has_value() || p.bias->scalar_type() == at::kFloat));
+  return dense_fp32(p) || (p.kind == 2 && fp32_bias(p));
 }
 
 // Batch-1 products of one input with several projections in one parallel region: the threads
@@ -135,6 +190,26 @@ void batch1_products(const float* x, const std::vector<const Projection*>& proje
   }
   for (size_t i = 0; i < n; ++i)
     if (projections[i]->bias.has_value()) outputs[i].add_(*projections[i]->bias);
+}
+
+// y[r] = <W[r], x> (+ bias[r]) for rows [r0, r1) of one batch-1-capable projection.
+void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int64_t r1) {
+  if (r0 >= r1) return;
+  if (p.kind == 0)
+    gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, r0, r1);
+  else
+    bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, r0, r1);
+  if (p.bias.has_value()) {
+    const float* b = p.bias->data_ptr<float>();
+    for (int64_t r = r0; r < r1; ++r) y[r] += b[r];
+  }
+}
+
+// Thread t's share [lo, hi) of n items split into T contiguous ranges whose inner boundaries
+// are multiples of `align`.
+std::pair<int64_t, int64_t> share(int64_t n, int t, int T, int64_t align) {
+  const int64_t units = (n + align - 1) / align;
+  return {std::min(n, units * t / T * align), std::min(n, units * (t + 1) / T * align)};
 }
 
 // x += y for fp32 [B, D] tensors (the residual adds: a plain loop, no ATen dispatch).
@@ -249,6 +324,96 @@ void DecodeStack::set_embedding(at::Tensor weight) {
   embedding_ = weight;
 }
 
+bool DecodeStack::single_region() const {
+  if (k_cache_.size(1) != 1 || !head_.has_value() || !embedding_.defined() || !batch1_capable(*head_)) return false;
+  for (const DecodeBlock& blk : blocks_)
+    for (const Projection* p : {&blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down})
+      if (!batch1_capable(*p)) return false;
+  return true;
+}
+
+// Batch 1, every projection dense fp32 or bitmask: the whole step in one parallel region.
+// Each thread owns contiguous output rows of every projection; what needs a whole vector
+// (the norms) every thread computes itself, so the threads meet only where a phase reads what
+// other threads wrote: after q/k/v (+ rotary and cache writes), after attention, after each
+// residual update and after gate/up + SwiGLU (four barriers a block). Against a region per
+// projection group this removes the forks and the serial stretches between them, where one
+// thread ran the norms, rotations, SwiGLU and residual adds and the others waited.
+at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const {
+  const int64_t D = embedding_.size(1), hd = head_dim_, H = heads_, Hkv = kv_heads_, group = H / Hkv;
+  const int64_t S = pos + 1, max_len = k_cache_.size(3), V = head_->out_features;
+  TORCH_CHECK(pos >= 0 && pos < max_len, "decode stack: position ", pos, " outside the cache of ", max_len);
+  int64_t F = 0, work = head_->kind == 0 ? V * D : head_->tensors[2].numel();
+  for (const DecodeBlock& blk : blocks_) {
+    F = std::max(F, blk.gate.out_features);
+    for (const Projection* p : {&blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down})
+      work += p->kind == 0 ? p->out_features * p->in_features : p->tensors[2].numel();
+  }
+  auto logits = at::empty({1, V}, embedding_.options());
+  // Shared scratch: residual stream x [D], q [H, hd], attention output [H, hd], gate and up [F],
+  // the o/down products [D] (each thread adds its own rows into x).
+  std::vector<float> x(embedding_.data_ptr<float>() + id * D, embedding_.data_ptr<float>() + (id + 1) * D);
+  std::vector<float> q(H * hd), attn(H * hd), gate(F), up(F), proj(D);
+  const float* cos = cos_.data_ptr<float>() + pos * hd;
+  const float* sin = sin_.data_ptr<float>() + pos * hd;
+  const float scale = static_cast<float>(scaling_);
+  float* kc0 = k_cache_.data_ptr<float>();
+  float* vc0 = v_cache_.data_ptr<float>();
+  float* out = logits.data_ptr<float>();
+  const int threads = num_threads_for(work);
+#pragma omp parallel num_threads(threads)
+  {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    std::vector<float> h(D), scores(S), kv(Hkv * hd);  // kv: this thread's key or value heads
+    // q, k and v rows in whole heads: H + 2 Hkv units of hd rows, so a thread rotates and caches
+    // the heads it computed.
+    const auto units = share(H + 2 * Hkv, t, T, 1);
+    const auto rows_d = share(D, t, T, 4);
+    const auto heads = share(H, t, T, 1);
+    for (int64_t l = 0; l < num_blocks(); ++l) {
+      const DecodeBlock& blk = blocks_[l];
+      float* kc = kc0 + l * Hkv * max_len * hd;
+      float* vc = vc0 + l * Hkv * max_len * hd;
+      rms_norm_row(x.data(), blk.norm1.data_ptr<float>(), h.data(), D, blk.eps1);
+      {
+        const int64_t q0 = std::min(units.first, H), q1 = std::min(units.second, H);
+        project_rows(blk.q, h.data(), q.data(), q0 * hd, q1 * hd);
+        for (int64_t u = q0; u < q1; ++u) rotate_head(q.data() + u * hd, hd, cos, sin);
+        for (int64_t u = std::max(units.first, H); u < units.second; ++u) {
+          const bool is_key = u < H + Hkv;
+          const int64_t g = is_key ? u - H : u - H - Hkv;
+          float* head = kv.data() + g * hd;
+          project_rows(is_key ? blk.k : blk.v, h.data(), kv.data(), g * hd, (g + 1) * hd);
+          if (is_key) rotate_head(head, hd, cos, sin);
+          std::copy(head, head + hd, (is_key ? kc : vc) + (g * max_len + pos) * hd);
+        }
+      }
+#pragma omp barrier
+      for (int64_t hh = heads.first; hh < heads.second; ++hh) {
+        const int64_t base = (hh / group) * max_len * hd;
+        attend_head(q.data() + hh * hd, kc + base, vc + base, S, hd, scale, scores.data(), attn.data() + hh * hd);
+      }
+#pragma omp barrier
+      project_rows(blk.o, attn.data(), proj.data(), rows_d.first, rows_d.second);
+      for (int64_t r = rows_d.first; r < rows_d.second; ++r) x[r] += proj[r];
+#pragma omp barrier
+      rms_norm_row(x.data(), blk.norm2.data_ptr<float>(), h.data(), D, blk.eps2);
+      const auto neurons = share(blk.gate.out_features, t, T, 16);
+      project_rows(blk.gate, h.data(), gate.data(), neurons.first, neurons.second);
+      project_rows(blk.up, h.data(), up.data(), neurons.first, neurons.second);
+      silu_mul(gate.data() + neurons.first, up.data() + neurons.first, neurons.second - neurons.first);
+#pragma omp barrier
+      project_rows(blk.down, gate.data(), proj.data(), rows_d.first, rows_d.second);
+      for (int64_t r = rows_d.first; r < rows_d.second; ++r) x[r] += proj[r];
+#pragma omp barrier
+    }
+    rms_norm_row(x.data(), final_norm_.data_ptr<float>(), h.data(), D, final_eps_);
+    const auto vocab = share(V, t, T, 4);
+    project_rows(*head_, h.data(), out, vocab.first, vocab.second);
+  }
+  return logits;
+}
+
 at::Tensor DecodeStack::step_tokens(at::Tensor ids, int64_t pos) const {
   TORCH_CHECK(embedding_.defined(), "decode stack: set_embedding was not called");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.numel() == k_cache_.size(1),
@@ -258,6 +423,7 @@ at::Tensor DecodeStack::step_tokens(at::Tensor ids, int64_t pos) const {
   const int64_t* p = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < ids.numel(); ++i)
     TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "decode stack: token id ", p[i], " outside the vocabulary of ", vocab);
+  if (single_region()) return step_token_single_region(p[0], pos);
   return step_logits(at::index_select(embedding_, 0, ids), pos);
 }
 
@@ -301,45 +467,8 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < B * heads_; ++bh) {
         const int64_t b = bh / heads_, h = bh % heads_;
-        const float* qh = qp + bh * hd;
         const int64_t kv_base = (b * kv_heads_ + h / group) * max_len * hd;
-        const float* keys = kc + kv_base;
-        const float* vals = vc + kv_base;
-        float top = -INFINITY;
-        for (int64_t s = 0; s < S; ++s) {
-          const float* ks = keys + s * hd;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < hd; ++i) dot += qh[i] * ks[i];
-          scores[s] = dot * scale;
-          top = std::max(top, scores[s]);
-        }
-        float total = 0.f;
-        int64_t s = 0;
-#if SPARSELM_AVX512
-        __m512 sum16 = _mm512_setzero_ps();
-        const __m512 top16 = _mm512_set1_ps(top);
-        for (; s < S; s += 16) {
-          const __mmask16 m = tail_mask(S - s);
-          const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores.data() + s), top16)));
-          _mm512_mask_storeu_ps(scores.data() + s, m, e);
-          sum16 = _mm512_add_ps(sum16, e);
-        }
-        total = _mm512_reduce_add_ps(sum16);
-#endif
-        for (; s < S; ++s) {
-          scores[s] = std::exp(scores[s] - top);
-          total += scores[s];
-        }
-        float* out = ap + bh * hd;
-        std::fill(out, out + hd, 0.f);
-        const float inv = 1.f / total;
-        for (int64_t s2 = 0; s2 < S; ++s2) {
-          const float p = scores[s2] * inv;
-          const float* vs = vals + s2 * hd;
-#pragma omp simd
-          for (int64_t i = 0; i < hd; ++i) out[i] += p * vs[i];
-        }
+        attend_head(qp + bh * hd, kc + kv_base, vc + kv_base, S, hd, scale, scores.data(), ap + bh * hd);
       }
     }
     add_rows(x, blk.o(attn));
@@ -347,17 +476,7 @@ at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
     const std::vector<at::Tensor> gate_up = project_all(h2, {&blk.gate, &blk.up});
     at::Tensor gate = gate_up[0];
     const at::Tensor up = gate_up[1];
-    float* gp = gate.data_ptr<float>();
-    const float* up_p = up.data_ptr<float>();
-    const int64_t n = gate.numel();
-    int64_t i = 0;
-#if SPARSELM_AVX512
-    for (; i + 16 <= n; i += 16) {  // silu(gate) * up, 16 at a time
-      const __m512 g = _mm512_loadu_ps(gp + i);
-      _mm512_storeu_ps(gp + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), _mm512_loadu_ps(up_p + i)));
-    }
-#endif
-    for (; i < n; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up_p[i];  // silu(gate) * up
+    silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), gate.numel());
     add_rows(x, blk.down(gate));
   }
   return x;

@@ -8,7 +8,10 @@
 // loops, optionally with the embedding lookup, final norm and LM head (`step_tokens`). At
 // batch 1, dense fp32 and bitmask-packed projections of the same input run in one parallel
 // region (dense through a 4-row GEMV, packed through the bitmask row kernel): at::linear's
-// dispatch and a region per product cost as much as a 256-wide product. Other formats and
+// dispatch and a region per product cost as much as a 256-wide product. When every projection
+// (the head included) is one of those two, `step_tokens` runs the whole token in a single
+// parallel region (see `single_region`): on the small built-in model that took dense decode
+// from ~500 to ~400 us per token and bitmask-packed from ~390 to ~280. Other formats and
 // batch sizes go through the sparse kernels' entry points and `at::linear` (what `nn.Linear`
 // runs). Dense and packed models pay the same per-step cost, so what differs between them is
 // what the weights cost. fp32 activations only.
@@ -62,8 +65,13 @@ class DecodeStack {
   // ids [B, 1] (int64) -> logits [B, V]: embedding lookup, step_logits.
   at::Tensor step_tokens(at::Tensor ids, int64_t pos) const;
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
+  // Whether step_tokens runs the whole step in one parallel region: batch 1, with every
+  // projection (the head included) dense fp32 or bitmask-packed.
+  bool single_region() const;
 
  private:
+  at::Tensor step_token_single_region(int64_t id, int64_t pos) const;
+
   int64_t heads_, kv_heads_, head_dim_;
   double scaling_;
   at::Tensor cos_, sin_, k_cache_, v_cache_;

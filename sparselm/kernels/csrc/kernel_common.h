@@ -90,6 +90,26 @@ template <>
 inline __m512 expand_values<float>(const float* p, uint16_t mask) {
   return _mm512_maskz_expandloadu_ps((__mmask16)mask, p);
 }
+// The same with the mask read from memory: a mask register loaded from memory costs a load,
+// while one moved from a general register (and each shift of it) costs an operation on the
+// port the expands need (fp32 batch 1 on cached 256-wide layers: ~10% faster, measured A/B in
+// one process).
+template <typename T>
+inline __m512 expand_values(const T* p, const uint16_t* mask) {
+  return expand_values(p, *mask);
+}
+template <>
+inline __m512 expand_values<float>(const float* p, const uint16_t* mask) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __mmask16 k;
+  // kmovw from memory, spelled out: given _load_mask16, GCC still moves half of the masks
+  // through general registers.
+  asm("kmovw %1, %0" : "=Yk"(k) : "m"(*mask));
+#else
+  const __mmask16 k = _load_mask16(const_cast<__mmask16*>(reinterpret_cast<const __mmask16*>(mask)));
+#endif
+  return _mm512_maskz_expandloadu_ps(k, p);
+}
 // exp on 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
 // (relative error < 2e-7 on that interval), times 2^n by scalef (which saturates to inf / 0).
 inline __m512 exp16(__m512 x) {
