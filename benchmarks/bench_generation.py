@@ -23,6 +23,7 @@ fastest packed run over both policies, both runtimes and both thread counts; `--
     python benchmarks/bench_generation.py [--model small] [--new-tokens 64] [--repeats 3]
     python benchmarks/bench_generation.py --policy passive     # one policy only
     python benchmarks/bench_generation.py --lm-head             # prune and pack the LM head too
+    python benchmarks/bench_generation.py --lm-head --refine 50 # ... with SparseGPT + refit
     python benchmarks/bench_generation.py --shape 1024x8        # random Llama larger than the L3 cache
 
 `--shape HIDDENxLAYERS` builds a randomly initialised Llama of that size instead (MLP 2.75x
@@ -80,7 +81,7 @@ def run_policies(argv: list[str], policies: list[str]) -> None:
                       "linear_weight_memory_ratio": first["linear_weight_memory_ratio"],
                       "perplexity_unpruned": first["perplexity_unpruned"],
                       "perplexity_dense": first["perplexity_dense"], "perplexity_packed": first["perplexity_packed"],
-                      "lm_head_pruned": first["lm_head_pruned"], "runs": runs}))
+                      "lm_head_pruned": first["lm_head_pruned"], "refine": first["refine"], "runs": runs}))
 
 
 def _without_policy(argv: list[str]) -> list[str]:
@@ -126,10 +127,16 @@ def main():
     parser.add_argument("--lm-head", action="store_true",
                         help="prune (and pack) the LM head too, at the same sparsity; perplexity of the "
                              "unpruned model is then reported beside it")
+    parser.add_argument("--refine", type=int, default=0, metavar="ITERS",
+                        help="SparseGPT then a refit of the kept weights (ITERS conjugate-gradient iterations; "
+                             "sparselm's best recipe, which makes pruning the LM head far cheaper in perplexity)")
     parser.add_argument("--shape", default=None, help="HIDDENxLAYERS: a random Llama of this size instead")
     parser.add_argument("--policy", choices=("both", "passive", "active"), default="both",
                         help="OpenMP wait policy: both (default: one process each) or this process with one")
     args = parser.parse_args()
+    if args.shape and args.refine:
+        parser.error("--refine refits SparseGPT's kept weights on a trained model; --shape prunes random weights "
+                     "by magnitude")
     if os.environ.get("OMP_WAIT_POLICY") != args.policy:  # not yet in a process started with it
         policies = ["passive", "active"] if args.policy == "both" else [args.policy]
         run_policies(_without_policy(sys.argv[1:]), policies)
@@ -162,8 +169,10 @@ def main():
         ppl_unpruned = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
         start = time.perf_counter()
         calib = calibration(tok, corpus, n=32, seq_len=min(256, context), seed=0)
-        sparsify(model, SparseGPT(sparsity=args.sparsity, lm_head=args.lm_head), calib, progress=False)
-        method = "SparseGPT" + (" (LM head too)" if args.lm_head else "")
+        sparsify(model, SparseGPT(sparsity=args.sparsity, lm_head=args.lm_head, refine=args.refine), calib,
+                 progress=False)
+        method = "SparseGPT" + (f" + refit ({args.refine} CG iterations)" if args.refine else "") + \
+            (" (LM head too)" if args.lm_head else "")
     prune_s = time.perf_counter() - start
     if not args.shape:
         ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
@@ -224,7 +233,7 @@ def main():
                "runs": {f"{rt}/{t}": s for (rt, t), s in summaries.items()}}
     print(json.dumps({"benchmark": "generation", "model": args.model, "sparsity": args.sparsity,
                       "perplexity_unpruned": ppl_unpruned, "perplexity_dense": ppl_dense,
-                      "perplexity_packed": ppl_packed, "lm_head_pruned": args.lm_head,
+                      "perplexity_packed": ppl_packed, "lm_head_pruned": args.lm_head, "refine": args.refine,
                       "decode_speedup_best": speedup, "best_variant": best["variant"],
                       "best_variant_threads": best["threads"], "best_dense_threads": dense["threads"],
                       "best_variant_runtime": best["runtime"], "best_dense_runtime": dense["runtime"],
