@@ -47,6 +47,17 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
   const int64_t G = (K + 15) / 16;
 #if SPARSELM_AVX512
   const int64_t full_words = K / 64;  // words whose 64 columns all exist
+  // Prefetch. Sparse rows (under ~1.5 cache lines of values per 64-column word): one line per
+  // word, kPrefetchBytes ahead in the value stream. Denser rows (e.g. 50% fp32: two lines per
+  // word) would leave every other line to the hardware, and a fixed distance lets the second row
+  // of a pair start cold; there each row prefetches two lines per word at the same position
+  // `ahead` rows further on (>= kPrefetchBytes), and both rows' masks likewise: 5-12% faster
+  // on 4096-11008-wide layers at 50% (A/B in one process), unchanged at 70%.
+  const int64_t row_value_bytes =
+      N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
+  const bool dense_rows = row_value_bytes * 64 > 96 * K;
+  const int64_t ahead = std::max<int64_t>(
+      2, std::min<int64_t>(64, (kPrefetchBytes + row_value_bytes - 1) / row_value_bytes + 1) / 2 * 2);
   int64_t r = r0;
   for (; r < r1; r += 2) {  // two output rows share every load of x
     const bool pair = r + 1 < r1;
@@ -57,10 +68,25 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
     const T* p1 = values + offsets[r_b];
     __m512 acc0[BT], acc1[BT];
     for (int b = 0; b < BT; ++b) { acc0[b] = _mm512_setzero_ps(); acc1[b] = _mm512_setzero_ps(); }
+    int64_t d0 = kPrefetchBytes / (int64_t)sizeof(T), d1 = d0, dm = 0;  // in values / mask words
+    if (dense_rows) {
+      d0 = offsets[std::min(N - 1, r + ahead)] - offsets[r];
+      d1 = offsets[std::min(N - 1, r_b + ahead)] - offsets[r_b];
+      dm = ahead * row_bytes / 8;
+    }
     for (int64_t w = 0; w < full_words; ++w) {
-      prefetch_ahead(p0, kPrefetchBytes);
-      prefetch_ahead(p1, kPrefetchBytes);
-      if ((w & 7) == 0) prefetch_ahead(w0 + w, 2048);
+      prefetch_ahead(p0 + d0);
+      prefetch_ahead(p1 + d1);
+      if (dense_rows) {
+        prefetch_ahead(p0 + d0, 64);
+        prefetch_ahead(p1 + d1, 64);
+        if ((w & 7) == 0) {
+          prefetch_ahead(w0 + w + dm);
+          prefetch_ahead(w1 + w + dm);
+        }
+      } else if ((w & 7) == 0) {
+        prefetch_ahead(w0 + w, 2048);
+      }
       bitmask_word<T, BT>(x, ldx, 64 * w, w0 + w, w1 + w, p0, p1, acc0, acc1);
       p0 += __builtin_popcountll(w0[w]);
       p1 += __builtin_popcountll(w1[w]);
