@@ -153,7 +153,10 @@ class LeanDecoder:
         if T == 1 and self._stack_full:
             # Embedding, every block, final norm and LM head in one C++ call. No autograd
             # bookkeeping to switch off: the stack's tensors are detached.
-            logits = self._stack.step_tokens(ids, start)  # [B, V]
+            try:
+                logits = self._stack.step_tokens(ids, start)  # [B, V]
+            except RuntimeError as err:  # e.g. a token id outside the vocabulary
+                raise SparselmError(str(err).splitlines()[0]) from None
             self.pos = end
             return logits
         return self._step_modules(ids, start, end)

@@ -88,6 +88,13 @@ def test_generation_benchmark_runs_through_the_lean_loop():
                                  progress=False, runtime="lean")
     assert summary["runtime"] == "lean" and [r["variant"] for r in summary["results"]] == ["dense", "bitmask"]
     assert all(r["decode_tokens_per_s"] > 0 for r in summary["results"])
+    dense, packed = summary["results"]
+    # 70% bitmask: 0.3 x 4 bytes of values + 1/8 byte of mask per weight, ~0.33x the dense linears
+    # (the LM head stays dense: it was not pruned)
+    assert packed["pack_choices"] == {"bitmask": 14} and not dense["pack_choices"]
+    assert packed["linear_weight_bytes"] < 0.6 * dense["linear_weight_bytes"]
+    assert packed["weight_bytes"] < dense["weight_bytes"]
+    assert packed["flops_per_token"] < 0.6 * dense["flops_per_token"]  # counts the stored non-zeros
     with pytest.raises(SparselmError, match="runtime"):
         compare_generation(model, ["dense"], runtime="vllm")
 
@@ -157,6 +164,8 @@ def test_single_region_step_for_any_thread_count(threads):
     assert fast_dec._stack.single_region
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_dec.v_cache, slow_dec.v_cache, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SparselmError, match="token id 256 outside the vocabulary"):
+        fast_dec.step(torch.tensor([[256]]))
 
 
 @needs_extension
