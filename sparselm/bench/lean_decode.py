@@ -161,6 +161,30 @@ class LeanDecoder:
             return logits
         return self._step_modules(ids, start, end)
 
+    def generate(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
+        """Greedy decoding from the current position: `steps` single-token steps, the first fed
+        `ids` [B, 1] and each next one the argmax of the previous logits. Returns those argmaxes
+        [B, steps]. With the whole step in C++ the loop runs there too (no Python per token)."""
+        B = ids.shape[0]
+        if ids.shape != (self.batch_size, 1):
+            raise SparselmError(f"generate takes ids [batch {self.batch_size}, 1], got {list(ids.shape)}")
+        if self.pos + steps > self.max_len:
+            raise SparselmError(f"{self.pos + steps} positions exceed the cache of {self.max_len}; build the "
+                                f"decoder with a larger max_len")
+        if self._stack_full:
+            try:
+                out = self._stack.generate(ids, self.pos, steps)
+            except RuntimeError as err:
+                raise SparselmError(str(err).splitlines()[0]) from None
+            self.pos += steps
+            return out
+        out = torch.empty(B, steps, dtype=torch.long, device=ids.device)
+        with torch.inference_mode():
+            for i in range(steps):
+                ids = self.step(ids).argmax(-1, keepdim=True)
+                out[:, i] = ids[:, 0]
+        return out
+
     @torch.inference_mode()
     def _step_modules(self, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         B, T = ids.shape

@@ -206,3 +206,24 @@ def test_cpp_blocks_with_a_head_the_step_does_not_take():
     _, slow = decode_logits(model, ids, 4, fast=False)
     assert fast_dec.fast_path_reason is None and not fast_dec._stack_full
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@needs_extension
+@pytest.mark.parametrize("fmt", ["dense", "bitmask", "csr"])
+def test_greedy_generate_equals_stepping(fmt):
+    """`generate` (the greedy loop in C++ when the step is) gives the tokens of stepping and
+    taking argmaxes in Python, and leaves the decoder at the right position."""
+    model = random_llama(seed=9)
+    if fmt != "dense":
+        sparsify(model, Magnitude(sparsity=0.6), progress=False)
+        pack(model, fmt, progress=False)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    _, ref_logits = decode_logits(model, ids, 8, fast=False)
+    for fast in (True, False):  # the C++ loop, and the Python fallback
+        dec = LeanDecoder(model, max_len=20, fast=fast)
+        first = dec.step(ids).argmax(-1, keepdim=True)
+        got = dec.generate(first, 8)
+        assert dec.pos == 14 and got.shape == (1, 8)
+        assert torch.equal(got[0], ref_logits[1:, 0].argmax(-1))
+        with pytest.raises(SparselmError, match="exceed the cache"):
+            dec.generate(got[:, -1:], 7)

@@ -65,6 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &sparselm::DecodeStack::step, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_embedding", &sparselm::DecodeStack::set_embedding)
       .def("step_tokens", &sparselm::DecodeStack::step_tokens, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("generate", &sparselm::DecodeStack::generate, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks)
       .def_property_readonly("single_region", &sparselm::DecodeStack::single_region,
                              "whether a token step runs in one parallel region (batch 1, dense fp32 or bitmask)");

@@ -427,6 +427,19 @@ at::Tensor DecodeStack::step_tokens(at::Tensor ids, int64_t pos) const {
   return step_logits(at::index_select(embedding_, 0, ids), pos);
 }
 
+at::Tensor DecodeStack::generate(at::Tensor ids, int64_t pos, int64_t steps) const {
+  TORCH_CHECK(steps >= 0, "decode stack: steps must be >= 0, got ", steps);
+  TORCH_CHECK(pos + steps <= k_cache_.size(3), "decode stack: ", pos, " + ", steps, " positions exceed the cache of ",
+              k_cache_.size(3));
+  auto out = at::empty({ids.numel(), steps}, ids.options().dtype(at::kLong));
+  at::Tensor next = ids.reshape({-1, 1}).to(at::kLong);
+  for (int64_t i = 0; i < steps; ++i) {
+    next = step_tokens(next, pos + i).argmax(-1, /*keepdim=*/true);  // [B, 1]
+    out.select(1, i).copy_(next.select(1, 0));
+  }
+  return out;
+}
+
 at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "decode stack: x must be fp32 [batch, hidden]");
   const int64_t B = x.size(0), S = pos + 1, max_len = k_cache_.size(3), hd = head_dim_;

@@ -64,6 +64,9 @@ class DecodeStack {
   void set_embedding(at::Tensor weight);
   // ids [B, 1] (int64) -> logits [B, V]: embedding lookup, step_logits.
   at::Tensor step_tokens(at::Tensor ids, int64_t pos) const;
+  // Greedy decoding: `steps` calls of step_tokens from position `pos`, each fed the argmax of
+  // the previous logits (the first fed `ids` [B, 1]); returns those argmaxes [B, steps].
+  at::Tensor generate(at::Tensor ids, int64_t pos, int64_t steps) const;
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   // Whether step_tokens runs the whole step in one parallel region: batch 1, with every
   // projection (the head included) dense fp32 or bitmask-packed.
