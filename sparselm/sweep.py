@@ -90,6 +90,12 @@ def run_sweep(model_source: str, cells: list[Cell], out_dir: Path, *, calib_args
         _append(log, row)
         done["dense"] = row
     dense_ppl = done["dense"]["perplexity"]
+    if any(c.key not in done for c in cells):
+        from sparselm.kernels import load_extension
+
+        if progress:
+            print("C++ kernels: building on first use (cached afterwards) or loading")
+        load_extension()  # now, so that no cell's pruning time includes the one-time build
     for i, cell in enumerate(cells):
         if cell.key in done:
             if progress:

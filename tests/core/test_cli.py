@@ -40,6 +40,24 @@ def test_compare_is_resumable(tmp_path, capsys, tiny_pair):
     assert len(log) == 4  # only the new cell was computed
 
 
+def test_demo_on_the_tiny_model(tmp_path, capsys, tiny_pair):
+    """`sparselm demo` (the README's main job) end to end, on the tiny model: every method and
+    pattern lands at exactly 50%, the report files are written, and the kernels are built
+    before the timed cells (no cell's pruning time includes the one-time build)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "tiny", "--samples", "8", "--windows", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("C++ kernels") < printed.index("[1/8]")
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["dense"] + ["magnitude", "wanda", "sparsegpt"] * 2 + \
+        ["sparsegpt+refine"] * 2
+    assert [r["pattern"] for r in rows[1:]] == ["unstructured"] * 3 + ["2:4"] * 3 + ["unstructured", "2:4"]
+    assert all(r["sparsity"] == pytest.approx(0.5) for r in rows[1:])
+    assert all(r["perplexity"] > 1 for r in rows)
+    assert (out / "results.md").read_text().count("\n| ") >= 9
+    assert (out / "perplexity_vs_sparsity.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["prune", "tiny", "--sparsity", "1.2", "--out", "x"], "[0, 1)"),
     (["prune", "tiny", "--pattern", "4:4", "--out", "x"], "0 < N < M"),
