@@ -5,7 +5,7 @@ Prints Markdown tables, then one JSON line last. Everything is compared in the s
 - 50% of MLP neurons removed (activation-weighted scores): time of the MLPs of all blocks
   (median of 25 interleaved rounds, 2048 tokens), decode tokens/s (greedy, KV cache; batch 1 and
   16 through the transformers forward, batch 1 also through sparselm's lean decode loop; dense and
-  pruned alternating over 7 rounds, ratio = median of the per-round ratios), perplexity on the
+  pruned alternating over 15 rounds, ratio = median of the per-round ratios), perplexity on the
   test split before and after a distillation heal;
 - two decoder layers removed: by block influence re-measured after each removal (sparselm's
   default) and measured once (ShortGPT), vs at random (mean of 5 seeds) vs the last two;
@@ -51,7 +51,7 @@ def mlp_times(models: dict, tokens: int = 2048, rounds: int = 25) -> dict[str, f
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def decode_ratio(base, variant, batch: int = 1, runtime: str = "transformers", rounds: int = 7):
+def decode_ratio(base, variant, batch: int = 1, runtime: str = "transformers", rounds: int = 15):
     """Decode tokens/s of base and variant measured in alternating rounds: (base tok/s, variant
     tok/s, median of the per-round ratios variant / base). Measured minutes apart instead, the
     machine's drift decides the ratio."""
