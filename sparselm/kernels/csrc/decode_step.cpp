@@ -3,7 +3,9 @@
 // S = positions in the cache so far (pos + 1).
 #include "decode_step.h"
 
+#include <atomic>
 #include <cmath>
+#include <thread>
 
 #include "kernel_common.h"
 
@@ -205,6 +207,41 @@ void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int
   }
 }
 
+// A barrier for the threads of one parallel region (sense-reversing, on two atomics): threads
+// spin briefly, then yield. OpenMP's own barrier follows OMP_WAIT_POLICY: with "passive" (what
+// `sparselm bench` runs under, kind to shared cores) every barrier puts the waiting threads to
+// sleep and wakes them through the kernel, tens of microseconds each, twenty times a token.
+// Here a wait spins at most ~kSpins pauses (tens of microseconds) before it yields the core,
+// so a decode step's short waits stay cheap under either policy and an oversubscribed machine
+// still makes progress.
+class RegionBarrier {
+ public:
+  // `sense` is the calling thread's own flag (false before its first wait); `team` the region's
+  // thread count.
+  void wait(int team, bool& sense) {
+    sense = !sense;
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      release_.store(sense, std::memory_order_release);  // publishes every write before the barrier
+      return;
+    }
+    for (int spins = 0; release_.load(std::memory_order_acquire) != sense; ++spins) {
+      if (spins < kSpins) {
+#if defined(__x86_64__) || defined(_M_X64)
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 1 << 12;
+  std::atomic<int> arrived_{0};
+  std::atomic<bool> release_{false};
+};
+
 // Thread t's share [lo, hi) of n items split into T contiguous ranges whose inner boundaries
 // are multiples of `align`.
 std::pair<int64_t, int64_t> share(int64_t n, int t, int T, int64_t align) {
@@ -336,7 +373,7 @@ bool DecodeStack::single_region() const {
 // Each thread owns contiguous output rows of every projection; what needs a whole vector
 // (the norms) every thread computes itself, so the threads meet only where a phase reads what
 // other threads wrote: after q/k/v (+ rotary and cache writes), after attention, after each
-// residual update and after gate/up + SwiGLU (four barriers a block). Against a region per
+// residual update and after gate/up + SwiGLU (five barriers a block). Against a region per
 // projection group this removes the forks and the serial stretches between them, where one
 // thread ran the norms, rotations, SwiGLU and residual adds and the others waited.
 at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const {
@@ -361,9 +398,12 @@ at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const 
   float* vc0 = v_cache_.data_ptr<float>();
   float* out = logits.data_ptr<float>();
   const int threads = num_threads_for(work);
+  RegionBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    bool sense = false;
+    auto sync = [&] { barrier.wait(T, sense); };
     std::vector<float> h(D), scores(S), kv(Hkv * hd);  // kv: this thread's key or value heads
     // q, k and v rows in whole heads: H + 2 Hkv units of hd rows, so a thread rotates and caches
     // the heads it computed.
@@ -388,24 +428,24 @@ at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const 
           std::copy(head, head + hd, (is_key ? kc : vc) + (g * max_len + pos) * hd);
         }
       }
-#pragma omp barrier
+      sync();
       for (int64_t hh = heads.first; hh < heads.second; ++hh) {
         const int64_t base = (hh / group) * max_len * hd;
         attend_head(q.data() + hh * hd, kc + base, vc + base, S, hd, scale, scores.data(), attn.data() + hh * hd);
       }
-#pragma omp barrier
+      sync();
       project_rows(blk.o, attn.data(), proj.data(), rows_d.first, rows_d.second);
       for (int64_t r = rows_d.first; r < rows_d.second; ++r) x[r] += proj[r];
-#pragma omp barrier
+      sync();
       rms_norm_row(x.data(), blk.norm2.data_ptr<float>(), h.data(), D, blk.eps2);
       const auto neurons = share(blk.gate.out_features, t, T, 16);
       project_rows(blk.gate, h.data(), gate.data(), neurons.first, neurons.second);
       project_rows(blk.up, h.data(), up.data(), neurons.first, neurons.second);
       silu_mul(gate.data() + neurons.first, up.data() + neurons.first, neurons.second - neurons.first);
-#pragma omp barrier
+      sync();
       project_rows(blk.down, gate.data(), proj.data(), rows_d.first, rows_d.second);
       for (int64_t r = rows_d.first; r < rows_d.second; ++r) x[r] += proj[r];
-#pragma omp barrier
+      sync();
     }
     rms_norm_row(x.data(), final_norm_.data_ptr<float>(), h.data(), D, final_eps_);
     const auto vocab = share(V, t, T, 4);
