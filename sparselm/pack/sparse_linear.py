@@ -125,7 +125,7 @@ class SparseLinear(nn.Module):
         in_f, out_f = self.in_features, self.out_features
         if x.shape[-1] != in_f:
             raise SparselmError(f"SparseLinear expects inputs with {in_f} features, got shape {list(x.shape)}")
-        x2 = x.reshape(-1, in_f)  # [T, K]
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # [T, K] (no ATen call when already 2-D)
         # At decode sizes the Python around the kernel costs as much as the kernel itself: read
         # the buffers straight from their dict (nn.Module.__getattr__ is slow) and call the
         # extension directly when it can run this input.
@@ -146,7 +146,7 @@ class SparseLinear(nn.Module):
             y = ops.bitmask_matmul(x2, buf["mask"], buf["row_offsets"], values, in_f, out_f, bias)
         else:
             y = ops.nm_matmul(x2, buf["indices"], values, self.n, self.m, in_f, bias)
-        return y.reshape(*x.shape[:-1], out_f)  # [..., N]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)  # [..., N]
 
     def extra_repr(self) -> str:
         nm = f", n={self.n}, m={self.m}" if self.format == "nm" else ""
