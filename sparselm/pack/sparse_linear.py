@@ -125,28 +125,29 @@ class SparseLinear(nn.Module):
         in_f, out_f = self.in_features, self.out_features
         if x.shape[-1] != in_f:
             raise SparselmError(f"SparseLinear expects inputs with {in_f} features, got shape {list(x.shape)}")
-        x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # [T, K] (no ATen call when already 2-D)
         # At decode sizes the Python around the kernel costs as much as the kernel itself: read
         # the buffers straight from their dict (nn.Module.__getattr__ is slow) and call the
-        # extension directly when it can run this input.
+        # extension directly when it can run this input; it takes [..., K] and returns [..., N]
+        # itself (each Python-side reshape is an ATen call: ~2 us hot, tens of us when the caches
+        # are cold, as in a decode step of a model larger than them).
         buf = self._buffers
         values, bias = buf["values"], self._parameters.get("bias")
         ext = load_extension()
-        if (ext is not None and x2.is_cpu and values.is_cpu and x2.dtype in _KERNEL_DTYPES
+        if (ext is not None and x.is_cpu and values.is_cpu and x.dtype in _KERNEL_DTYPES
                 and values.dtype in _KERNEL_DTYPES):
             if self.format == "bitmask":
-                y = ext.bitmask_linear(x2, buf["mask"], buf["row_offsets"], values, bias, in_f, out_f)
-            elif self.format == "csr":
-                y = ext.csr_linear(x2, buf["crow_indices"], buf["col_indices"], values, bias, in_f, out_f)
-            else:
-                y = ext.nm_linear(x2, buf["indices"], values, bias, self.n, self.m, in_f)
-        elif self.format == "csr":
+                return ext.bitmask_linear(x, buf["mask"], buf["row_offsets"], values, bias, in_f, out_f)
+            if self.format == "csr":
+                return ext.csr_linear(x, buf["crow_indices"], buf["col_indices"], values, bias, in_f, out_f)
+            return ext.nm_linear(x, buf["indices"], values, bias, self.n, self.m, in_f)
+        x2 = x.reshape(-1, in_f)  # [T, K]
+        if self.format == "csr":
             y = ops.csr_matmul(x2, buf["crow_indices"], buf["col_indices"], values, in_f, out_f, bias)
         elif self.format == "bitmask":
             y = ops.bitmask_matmul(x2, buf["mask"], buf["row_offsets"], values, in_f, out_f, bias)
         else:
             y = ops.nm_matmul(x2, buf["indices"], values, self.n, self.m, in_f, bias)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)  # [..., N]
+        return y.reshape(*x.shape[:-1], out_f)  # [..., N]
 
     def extra_repr(self) -> str:
         nm = f", n={self.n}, m={self.m}" if self.format == "nm" else ""

@@ -19,9 +19,11 @@ def sparse_linear_pair(in_f=50, out_f=33, bias=True, sparsity=0.6, seed=0):
 def test_drop_in_for_linear(fmt, dtype):
     dense = sparse_linear_pair().to(dtype)
     packed = SparseLinear.from_dense(dense, fmt)
-    for shape in [(50,), (1, 1, 50), (2, 7, 50), (128, 50)]:
+    for shape in [(50,), (1, 1, 50), (2, 7, 50), (128, 50), (0, 50), (2, 0, 50)]:
         x = torch.randn(*shape).to(dtype)
         torch.testing.assert_close(packed(x), dense(x))
+    x = torch.randn(50, 3).to(dtype).t()  # a non-contiguous input
+    torch.testing.assert_close(packed(x), dense(x))
     assert torch.equal(packed.dense_weight(), dense.weight.data)
     assert packed.nnz == int((dense.weight != 0).sum())
 

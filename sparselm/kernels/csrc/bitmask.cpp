@@ -215,7 +215,7 @@ at::Tensor bitmask_to_dense(at::Tensor mask, at::Tensor offsets, at::Tensor valu
 at::Tensor bitmask_linear(at::Tensor x, at::Tensor mask, at::Tensor offsets,
                              at::Tensor values, c10::optional<at::Tensor> bias,
                              int64_t in_features, int64_t out_features) {
-  auto xf = as_fp32_matrix(x, in_features, "bitmask");
+  auto xf = as_fp32_rows(x, in_features, "bitmask");  // [rows, K]
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.size(0) == out_features &&
                   mask.size(1) % 8 == 0 && mask.size(1) * 8 >= in_features && mask.is_contiguous(),
               "bitmask: mask must be contiguous uint8 [out_features, 8 * ceil(in_features / 64)]");
@@ -225,7 +225,7 @@ at::Tensor bitmask_linear(at::Tensor x, at::Tensor mask, at::Tensor offsets,
   auto y = SPARSELM_DISPATCH_VALUES(values, "bitmask", [&] {
     return bitmask_matmul_t<scalar_t>(xf, mask, offsets, values, out_features);
   });
-  return finish(y, bias, x.scalar_type());
+  return with_leading_dims(finish(y, bias, x.scalar_type()), x);
 }
 
 }  // namespace sparselm

@@ -232,7 +232,7 @@ at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int6
 
 at::Tensor csr_linear(at::Tensor x, at::Tensor crow, at::Tensor col, at::Tensor values,
                          c10::optional<at::Tensor> bias, int64_t in_features, int64_t out_features) {
-  auto xf = as_fp32_matrix(x, in_features, "csr");
+  auto xf = as_fp32_rows(x, in_features, "csr");  // [rows, K]
   TORCH_CHECK(crow.scalar_type() == at::kLong && crow.numel() == out_features + 1 &&
                   crow.is_contiguous(), "csr: crow_indices must be int64 [out_features + 1]");
   TORCH_CHECK((col.scalar_type() == at::kInt || (col.scalar_type() == at::kShort && in_features <= 32768)) &&
@@ -243,7 +243,7 @@ at::Tensor csr_linear(at::Tensor x, at::Tensor crow, at::Tensor col, at::Tensor 
     if (col.scalar_type() == at::kShort) return csr_matmul_t<scalar_t, int16_t>(xf, crow, col, values, out_features);
     return csr_matmul_t<scalar_t, int32_t>(xf, crow, col, values, out_features);
   });
-  return finish(y, bias, x.scalar_type());
+  return with_leading_dims(finish(y, bias, x.scalar_type()), x);
 }
 
 // Decode to the dense [N, K] weight; padding slots (value 0) add nothing.
@@ -263,7 +263,7 @@ at::Tensor nm_to_dense(at::Tensor idx, at::Tensor values, int64_t n, int64_t m, 
 
 at::Tensor nm_linear(at::Tensor x, at::Tensor idx, at::Tensor values,
                         c10::optional<at::Tensor> bias, int64_t n, int64_t m, int64_t in_features) {
-  auto xf = as_fp32_matrix(x, in_features, "nm");
+  auto xf = as_fp32_rows(x, in_features, "nm");  // [rows, K]
   TORCH_CHECK(idx.scalar_type() == at::kByte && idx.sizes() == values.sizes() &&
                   idx.is_contiguous() && values.is_contiguous() && values.dim() == 2,
               "nm: indices must be contiguous uint8 with the shape of values [out_features, slots]");
@@ -272,7 +272,7 @@ at::Tensor nm_linear(at::Tensor x, at::Tensor idx, at::Tensor values,
   auto y = SPARSELM_DISPATCH_VALUES(values, "nm", [&] {
     return nm_matmul_t<scalar_t>(xf, idx, values, n, m);
   });
-  return finish(y, bias, x.scalar_type());
+  return with_leading_dims(finish(y, bias, x.scalar_type()), x);
 }
 
 }  // namespace sparselm

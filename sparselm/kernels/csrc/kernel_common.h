@@ -153,6 +153,21 @@ inline at::Tensor as_fp32_matrix(const at::Tensor& x, int64_t K, const char* wha
   return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
 }
 
+// x [..., K] (any number of leading dims, as F.linear takes) as an fp32 [rows, K] matrix: the
+// reshape happens here, so a Python caller pays no ATen call of its own for it.
+inline at::Tensor as_fp32_rows(const at::Tensor& x, int64_t K, const char* what) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, what, ": x must be [..., ", K, "], got ", x.sizes());
+  return as_fp32_matrix(x.dim() == 2 ? x : x.reshape({-1, K}), K, what);
+}
+
+// y [rows, N] given x's leading dims back: [..., N].
+inline at::Tensor with_leading_dims(const at::Tensor& y, const at::Tensor& x) {
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
 // Adds the bias in fp32 and rounds once to the input's dtype, as dense F.linear does.
 inline at::Tensor finish(at::Tensor y, const c10::optional<at::Tensor>& bias, at::ScalarType out) {
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
