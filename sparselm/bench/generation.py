@@ -131,7 +131,8 @@ RUNTIMES = ("transformers", "lean")
 
 
 def _lean_step(model: nn.Module, max_len: int, batch_size: int):
-    """The same (ids, cache) -> (logits [B, 1, V], cache) contract over `LeanDecoder`."""
+    """The same (ids, cache) -> (logits [B, 1, V], cache) contract over `LeanDecoder`, and its
+    greedy loop (ids [B, 1], steps) -> tokens [B, steps], in C++ when the step is."""
     from sparselm.bench.lean_decode import LeanDecoder
 
     decoder = LeanDecoder(model, max_len=max_len, batch_size=batch_size)
@@ -141,8 +142,7 @@ def _lean_step(model: nn.Module, max_len: int, batch_size: int):
             decoder.reset()
         return decoder.step(ids).unsqueeze(1), decoder
 
-    step.greedy = decoder.generate  # the decode loop itself, in C++ when the step is
-    return step
+    return step, decoder.generate
 
 
 def _attention_macs_per_token(model: nn.Module, context: int) -> int:
@@ -169,7 +169,8 @@ class _GenerationRun:
         self.device = next(model.parameters()).device
         g = torch.Generator().manual_seed(seed)
         self.prompt = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=g).to(self.device)
-        self.step = _forward_step(model) if runtime == "transformers" else \
+        # greedy: the runtime's own decode loop (lean), or None for the step-and-argmax loop below
+        self.step, self.greedy = (_forward_step(model), None) if runtime == "transformers" else \
             _lean_step(model, prompt_len + new_tokens, batch_size)
         self.meter = EnergyMeter(str(self.device))
         self.cuda = self.device.type == "cuda"
@@ -199,9 +200,8 @@ class _GenerationRun:
             token = logits.argmax(-1)  # [B, 1]
             self.meter.start()
             start = time.perf_counter()
-            greedy = getattr(self.step, "greedy", None)
-            if greedy is not None:  # the lean runtime's own greedy loop
-                greedy(token, self.new_tokens)
+            if self.greedy is not None:
+                self.greedy(token, self.new_tokens)
             else:
                 for _ in range(self.new_tokens):
                     logits, cache = self.step(token, cache)

@@ -166,6 +166,8 @@ class LeanDecoder:
         `ids` [B, 1] and each next one the argmax of the previous logits. Returns those argmaxes
         [B, steps]. With the whole step in C++ the loop runs there too (no Python per token)."""
         B = ids.shape[0]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise SparselmError(f"steps must be a whole number >= 0, got {steps!r}")
         if ids.shape != (self.batch_size, 1):
             raise SparselmError(f"generate takes ids [batch {self.batch_size}, 1], got {list(ids.shape)}")
         if self.pos + steps > self.max_len:

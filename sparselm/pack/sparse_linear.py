@@ -123,13 +123,14 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_f, out_f = self.in_features, self.out_features
-        if x.shape[-1] != in_f:
+        if x.dim() == 0 or x.shape[-1] != in_f:
             raise SparselmError(f"SparseLinear expects inputs with {in_f} features, got shape {list(x.shape)}")
         # At decode sizes the Python around the kernel costs as much as the kernel itself: read
         # the buffers straight from their dict (nn.Module.__getattr__ is slow) and call the
         # extension directly when it can run this input; it takes [..., K] and returns [..., N]
-        # itself (each Python-side reshape is an ATen call: ~2 us hot, tens of us when the caches
-        # are cold, as in a decode step of a model larger than them).
+        # itself (each Python-side reshape is an ATen call: a few us, and 25-35 us each right after
+        # the cache flush bench_kernels.py applies, as in a decode step of a model larger than the
+        # caches; measured A/B in one process, see benchmarks/RESULTS.md).
         buf = self._buffers
         values, bias = buf["values"], self._parameters.get("bias")
         ext = load_extension()

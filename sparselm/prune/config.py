@@ -41,6 +41,9 @@ class PruneConfig:
                                 "N:M pattern (every layer of an N:M model has the same sparsity)")
         if not 0 <= self.owl_lambda < 0.5:
             raise SparselmError(f"owl_lambda must be in [0, 0.5); got {self.owl_lambda}")
+        refine = getattr(self, "refine", 0)  # Wanda and SparseGPT: CG iterations of the refit
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise SparselmError(f"refine must be a whole number of iterations >= 0 (0: no refit); got {refine!r}")
 
     @property
     def parsed_pattern(self) -> Pattern:

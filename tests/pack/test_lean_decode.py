@@ -227,3 +227,6 @@ def test_greedy_generate_equals_stepping(fmt):
         assert torch.equal(got[0], ref_logits[1:, 0].argmax(-1))
         with pytest.raises(SparselmError, match="exceed the cache"):
             dec.generate(got[:, -1:], 7)
+        with pytest.raises(SparselmError, match="steps must be"):
+            dec.generate(got[:, -1:], -1)
+        assert dec.generate(got[:, -1:], 0).shape == (1, 0) and dec.pos == 14

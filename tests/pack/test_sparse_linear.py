@@ -69,6 +69,8 @@ def test_bad_input():
     packed = SparseLinear.from_dense(sparse_linear_pair(), "csr")
     with pytest.raises(SparselmError, match="expects inputs with 50 features"):
         packed(torch.randn(2, 49))
+    with pytest.raises(SparselmError, match="expects inputs with 50 features"):
+        packed(torch.tensor(1.0))  # a 0-d input: a clear error, not an IndexError
     with pytest.raises(SparselmError, match="unknown sparse format"):
         SparseLinear.from_dense(sparse_linear_pair(), "coo")
 

@@ -48,6 +48,11 @@ def test_bad_inputs_are_clear():
         Wanda(1.0)
     with pytest.raises(SparselmError, match="N:M"):
         SparseGPT(pattern="2:4", owl=True)
+    for bad in (-1, 2.5):
+        with pytest.raises(SparselmError, match="refine must be a whole number"):
+            SparseGPT(0.5, refine=bad)
+        with pytest.raises(SparselmError, match="refine must be a whole number"):
+            Wanda(0.5, refine=bad)
 
 
 def _ppl_of(base, configs, calib, test_ids):

@@ -52,7 +52,8 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
   // word) would leave every other line to the hardware, and a fixed distance lets the second row
   // of a pair start cold; there each row prefetches two lines per word at the same position
   // `ahead` rows further on (>= kPrefetchBytes), and both rows' masks likewise: 5-12% faster
-  // on 4096-11008-wide layers at 50% (A/B in one process), unchanged at 70%.
+  // on 4096-11008-wide layers at 50% in a one-off A/B in one process, unchanged at 70%
+  // (benchmarks/bench_kernels.py tracks these layers against dense; RESULTS.md has both runs).
   const int64_t row_value_bytes =
       N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
   const bool dense_rows = row_value_bytes * 64 > 96 * K;

@@ -6,6 +6,9 @@
 #include <atomic>
 #include <cmath>
 #include <thread>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // _mm_pause, also in builds without AVX-512
+#endif
 
 #include "kernel_common.h"
 
@@ -157,6 +160,26 @@ bool batch1_capable(const Projection& p) {
   return dense_fp32(p) || (p.kind == 2 && fp32_bias(p));
 }
 
+// y[r] = <W[r], x> (+ bias[r]) for rows [r0, r1) of one batch-1-capable projection.
+void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int64_t r1) {
+  if (r0 >= r1) return;
+  if (p.kind == 0)
+    gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, r0, r1);
+  else
+    bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, r0, r1);
+  if (p.bias.has_value()) {
+    const float* b = p.bias->data_ptr<float>();
+    for (int64_t r = r0; r < r1; ++r) y[r] += b[r];
+  }
+}
+
+// Thread t's share [lo, hi) of n items split into T contiguous ranges whose inner boundaries
+// are multiples of `align`.
+std::pair<int64_t, int64_t> share(int64_t n, int t, int T, int64_t align) {
+  const int64_t units = (n + align - 1) / align;
+  return {std::min(n, units * t / T * align), std::min(n, units * (t + 1) / T * align)};
+}
+
 // Batch-1 products of one input with several projections in one parallel region: the threads
 // split the projections' concatenated rows. At decode sizes (a few hundred rows) a region per
 // product, with ATen's dispatch and allocation around it, costs as much as the arithmetic.
@@ -175,35 +198,11 @@ void batch1_products(const float* x, const std::vector<const Projection*>& proje
   const int threads = num_threads_for(work);
 #pragma omp parallel num_threads(threads)
   {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t chunk = ((total + nt - 1) / nt + 3) / 4 * 4;
-    const int64_t lo = std::min(total, id * chunk), hi = std::min(total, (id + 1) * chunk);
+    const auto [lo, hi] = share(total, omp_get_thread_num(), omp_get_num_threads(), 4);
     for (size_t i = 0; i < n && lo < hi; ++i) {
       const int64_t a = std::max(lo, first[i]) - first[i], b = std::min(hi, first[i + 1]) - first[i];
-      if (a >= b) continue;
-      const Projection& p = *projections[i];
-      float* y = outputs[i].data_ptr<float>();
-      if (p.kind == 0) {
-        gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, a, b);
-      } else {
-        bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, a, b);
-      }
+      project_rows(*projections[i], x, outputs[i].data_ptr<float>(), a, b);  // bias added per row
     }
-  }
-  for (size_t i = 0; i < n; ++i)
-    if (projections[i]->bias.has_value()) outputs[i].add_(*projections[i]->bias);
-}
-
-// y[r] = <W[r], x> (+ bias[r]) for rows [r0, r1) of one batch-1-capable projection.
-void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int64_t r1) {
-  if (r0 >= r1) return;
-  if (p.kind == 0)
-    gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, r0, r1);
-  else
-    bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, r0, r1);
-  if (p.bias.has_value()) {
-    const float* b = p.bias->data_ptr<float>();
-    for (int64_t r = r0; r < r1; ++r) y[r] += b[r];
   }
 }
 
@@ -211,7 +210,7 @@ void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int
 // spin briefly, then yield. OpenMP's own barrier follows OMP_WAIT_POLICY: with "passive" (what
 // `sparselm bench` runs under, kind to shared cores) every barrier puts the waiting threads to
 // sleep and wakes them through the kernel, tens of microseconds each, twenty times a token.
-// Here a wait spins at most ~kSpins pauses (tens of microseconds) before it yields the core,
+// Here a wait spins at most kSpins pauses (~0.1-0.2 ms) before it yields the core,
 // so a decode step's short waits stay cheap under either policy and an oversubscribed machine
 // still makes progress.
 class RegionBarrier {
@@ -241,13 +240,6 @@ class RegionBarrier {
   std::atomic<int> arrived_{0};
   std::atomic<bool> release_{false};
 };
-
-// Thread t's share [lo, hi) of n items split into T contiguous ranges whose inner boundaries
-// are multiples of `align`.
-std::pair<int64_t, int64_t> share(int64_t n, int t, int T, int64_t align) {
-  const int64_t units = (n + align - 1) / align;
-  return {std::min(n, units * t / T * align), std::min(n, units * (t + 1) / T * align)};
-}
 
 // x += y for fp32 [B, D] tensors (the residual adds: a plain loop, no ATen dispatch).
 void add_rows(at::Tensor& x, const at::Tensor& y) {
