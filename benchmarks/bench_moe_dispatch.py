@@ -8,6 +8,12 @@ Compared in the same run against
   SwiGLU kernel the MoE path uses, so the ratio shows what dispatch costs, not what fusing saves),
 - the Mixtral sparse MoE block of `transformers` (random init from `MixtralConfig`, its
   default experts implementation), same shapes.
+Every step gets a new input, so routing, and with it each expert's row count, changes from step
+to step as in training; each method first runs `--warmup` untimed steps. oneDNN (PyTorch's bf16
+matmuls on CPU) sets up each new matmul shape on first use, which costs about as much as the
+product: sparselm pads expert groups so that shapes repeat (`matmul_rows` in
+sparselm/moe/dispatch.py), Mixtral's block does not. `--fixed-routing` reuses one input, which
+pays every set-up once and hides it.
 Methods are timed in alternating rounds; each ratio is the median over rounds of the ratio of
 two methods' times within a round (robust to the machine's speed drifting during the run), the
 ms column the median time. Freed buffers of these sizes go back to the OS and page-fault in again
@@ -15,7 +21,7 @@ on the next step; run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000
 keep them, which is what a tuned allocator (jemalloc, tcmalloc) gives, and the setting the
 process reports. Prints a Markdown table, then one JSON line.
 
-    python benchmarks/bench_moe_dispatch.py [--tokens 4096] [--rounds 5] [--threads N]
+    python benchmarks/bench_moe_dispatch.py [--tokens 4096] [--rounds 7] [--threads N] [--warmup 5] [--fixed-routing]
 """
 from __future__ import annotations
 
@@ -82,15 +88,28 @@ def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def fresh_inputs(seed: int, tokens: int, dim: int, dtype: torch.dtype):
+    """An endless stream of new [1, T, D] inputs (untimed): every step routes differently,
+    as in training, so the experts' row counts change from step to step."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(1, tokens, dim, generator=gen).to(dtype)
+
+
 def bench_dtype(args, dtype: torch.dtype) -> dict[str, list[float]]:
     candidates = build_candidates(args.dim, args.hidden, args.experts, args.top_k, dtype)
     torch.manual_seed(1)
-    x = torch.randn(1, args.tokens, args.dim, dtype=dtype)
-    grad = torch.randn_like(x)
-    for module in candidates.values():  # warm-up (allocator, oneDNN primitives)
-        step(module, x, grad)
-    samples = alternating_rounds({name: (lambda m=module: step(m, x, grad)) for name, module in candidates.items()},
-                                 args.rounds)
+    grad = torch.randn(1, args.tokens, args.dim, dtype=dtype)
+    streams = {}
+    for i, (name, module) in enumerate(candidates.items()):  # warm-up (allocator, oneDNN primitives)
+        streams[name] = fresh_inputs(1000 * i, args.tokens, args.dim, dtype)
+        for _ in range(args.warmup):
+            step(module, next(streams[name]), grad)
+    if args.fixed_routing:  # the same input every step: per-shape set-up costs paid once
+        fixed = next(fresh_inputs(1, args.tokens, args.dim, dtype))
+        streams = {name: iter(lambda: fixed, None) for name in candidates}
+    samples = alternating_rounds({name: (lambda m=module, s=streams[name]: step(m, next(s), grad))
+                                  for name, module in candidates.items()}, args.rounds)
     return {name: [v * 1e3 for v in t] for name, t in samples.items()}
 
 
@@ -103,6 +122,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first (default 5)")
+    parser.add_argument("--fixed-routing", action="store_true",
+                        help="time every step on the same input (default: a new input, so new routing, each step)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,7 +132,7 @@ def main(argv=None) -> dict:
     results = {}
     print(f"MoE dispatch, forward+backward, T={args.tokens} D={args.dim} E={args.experts} "
           f"K={args.top_k} F={args.hidden}, dense F={args.top_k * args.hidden}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__} (dense baseline: torch default CPU GEMM); "
+          f"{'fixed' if args.fixed_routing else 'new'} routing each step, {torch.get_num_threads()} threads, torch {torch.__version__} (dense baseline: torch default CPU GEMM); "
           f"glibc MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}\n")
     print("| dtype | method | ms | speedup vs naive | time / dense | time / dense_fused | time / mixtral_hf |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -128,6 +150,7 @@ def main(argv=None) -> dict:
                   f"{row['time_vs_dense']:.2f} | {row['time_vs_dense_fused']:.2f} | {row['time_vs_mixtral']:.2f} |")
     summary = {"benchmark": "moe_dispatch", "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
                "top_k": args.top_k, "hidden": args.hidden, "threads": torch.get_num_threads(),
+               "fixed_routing": args.fixed_routing, "warmup": args.warmup, "rounds": args.rounds,
                "malloc_mmap_max": os.environ.get("MALLOC_MMAP_MAX_"), "results": results}
     print(json.dumps(summary))
     return summary

@@ -51,14 +51,19 @@ def _dispatch_slot_major(x_TD, routing: Routing, experts: SwiGLUExperts, use_gro
     """Dropless top-k: the assignments are all K*T (slot, token) pairs, so sorting is a
     permutation of a [K, T] grid. Gather and un-gather are then row permutations whose
     backward is another gather (no scatter-add), and the K outputs of a token are summed
-    over a dense [K, T, D] view."""
+    over a dense [K, T, D] view. Where the fused kernels run and the matmuls are bf16 on CPU,
+    each expert's group is padded with zero rows to `matmul_rows` (see there)."""
     num_tokens, slots = x_TD.shape[0], routing.slots
     order, counts = sort_by_expert(routing.expert_index, experts.num_experts)  # [K*T]
-    inverse = torch.empty_like(order)
+    inverse = torch.empty_like(order)  # inverse[k*T + t]: the grouped row of assignment (k, t)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    x_AD = _GatherSlots.apply(x_TD, order, inverse, slots)  # [K*T, D] grouped by expert
-    y_AD = experts.forward_grouped(x_AD, counts, use_grouped_mm=use_grouped_mm)  # [K*T, D]
-    if fused_kernels(y_AD) is not None:
+    fused = fused_kernels(x_TD) is not None
+    src_A, pad_rows = order % num_tokens, None  # src_A: the token of each grouped row
+    if fused and pads_expert_rows(x_TD):
+        src_A, inverse, pad_rows, counts = _padded_groups(src_A, inverse, counts)
+    x_AD = _GatherSlots.apply(x_TD, src_A, pad_rows, inverse, slots)  # [A, D] grouped by expert
+    y_AD = experts.forward_grouped(x_AD, counts, use_grouped_mm=use_grouped_mm)  # [A, D]
+    if fused:
         # One pass: out[t] = sum_k gate[k, t] * y_AD[inverse[k*T + t]], and one back.
         rows_TK = inverse.view(slots, num_tokens).t()
         return rows_sum(y_AD, rows_TK, routing.gates.to(y_AD.dtype).view(slots, num_tokens).t())
@@ -67,23 +72,69 @@ def _dispatch_slot_major(x_TD, routing: Routing, experts: SwiGLUExperts, use_gro
     return (y_KTD * gates_KT1).sum(dim=0)  # [T, D]
 
 
+def matmul_rows(n: int) -> int:
+    """Rows an expert's matmuls run on when it is routed n rows: n itself up to 64, above
+    that n rounded up to 32 steps per power of two (at most 1/32 more rows).
+
+    Why: oneDNN, which runs PyTorch's bf16 matmuls on CPU, builds (JIT-compiles) a kernel
+    for every new problem shape on its first use, and an expert's row count changes with
+    every batch. On the issue's dispatch shapes (4096 tokens, 8 experts, d 512, hidden 1408,
+    1 thread) a training step with new routing every step took 1.7-2x the time of the same
+    step on a repeated batch, and the no-grad forward 2x; with the rounded counts the shapes
+    repeat within a few steps. fp32 matmuls (MKL) have no such cost and are not padded.
+    """
+    if n <= 64:
+        return n
+    step = 1 << (n.bit_length() - 6)
+    return -(-n // step) * step
+
+
+def pads_expert_rows(x: torch.Tensor) -> bool:
+    """Whether expert groups are padded to `matmul_rows` for inputs like x (bf16/fp16 CPU)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _padded_groups(src_A: torch.Tensor, inverse: torch.Tensor, counts: list[int]):
+    """The grouped layout with each expert's group padded to `matmul_rows` rows.
+
+    Returns (src_P: the token of each padded row (token 0 for pad rows, which are zeroed),
+    inverse mapped to padded rows, the pad rows (None if none), the padded counts)."""
+    padded = [matmul_rows(n) for n in counts]
+    if padded == counts:
+        return src_A, inverse, None, counts
+    device = src_A.device
+    shift_E = torch.tensor(padded, device=device).cumsum(0) - torch.tensor(counts, device=device).cumsum(0)
+    shift_E = torch.cat([shift_E.new_zeros(1), shift_E[:-1]])  # extra rows before each group
+    moved_A = torch.arange(src_A.numel(), device=device) + shift_E.repeat_interleave(
+        torch.tensor(counts, device=device), output_size=src_A.numel())  # padded row of each grouped row
+    src_P = src_A.new_zeros(sum(padded))
+    src_P[moved_A] = src_A
+    is_pad = torch.ones(src_P.numel(), dtype=torch.bool, device=device)
+    is_pad[moved_A] = False
+    return src_P, moved_A[inverse], is_pad.nonzero().squeeze(1), padded
+
+
 class _GatherSlots(torch.autograd.Function):
-    """x_AD[i] = x_TD[order[i] % T]; backward: un-permute with `inverse`, sum the K slots."""
+    """x_AD[i] = x_TD[src[i]], zero on `pad_rows`; backward: sum each token's K rows, found
+    through `inverse` ([K*T], the row of assignment (k, t)); pad rows get no gradient."""
 
     @staticmethod
-    def forward(ctx, x_TD, order, inverse, slots):
+    def forward(ctx, x_TD, src, pad_rows, inverse, slots):
         ctx.save_for_backward(inverse)
         ctx.slots = slots
-        return x_TD.index_select(0, order % x_TD.shape[0])
+        x_AD = x_TD.index_select(0, src)
+        if pad_rows is not None:
+            x_AD.index_fill_(0, pad_rows, 0)
+        return x_AD
 
     @staticmethod
     def backward(ctx, grad_AD):
         (inverse,) = ctx.saved_tensors
         ext = fused_kernels(grad_AD)
         if ext is not None:  # one pass: grad_x[t] = sum_k grad_AD[inverse[k*T + t]]
-            return ext.rows_sum(grad_AD, inverse.view(ctx.slots, -1).t().contiguous(), None), None, None, None
+            return ext.rows_sum(grad_AD, inverse.view(ctx.slots, -1).t().contiguous(), None), None, None, None, None
         grad_KTD = grad_AD.index_select(0, inverse).view(ctx.slots, -1, grad_AD.shape[-1])
-        return grad_KTD.sum(dim=0), None, None, None
+        return grad_KTD.sum(dim=0), None, None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -115,8 +166,9 @@ def dispatch_inference(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLU
     num_tokens, dim = x_TD.shape
     if len(groups.token_index) == 0:
         return x_TD.new_zeros(num_tokens, dim)
-    if (len(groups.token_index) <= _GROUPED_MM_MAX_ROWS and _grouped_mm_works(x_TD.device.type, x_TD.dtype)
-            and experts.grouped_mm_aligned(x_TD.dtype)):
+    c_loop_first = _GROUPED_MM_PREFERS_C_LOOP and _c_loop(x_TD, experts) is not None
+    if (len(groups.token_index) <= _GROUPED_MM_MAX_ROWS and not c_loop_first
+            and _grouped_mm_works(x_TD.device.type, x_TD.dtype) and experts.grouped_mm_aligned(x_TD.dtype)):
         y_AD = _expert_rows_grouped_mm(x_TD, groups, experts)
     else:
         y_AD = _expert_rows_loop(x_TD, groups, experts)
@@ -129,10 +181,22 @@ def dispatch_inference(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLU
 
 
 # At most this many rows go through torch._grouped_mm. Measured on 2 CPU threads (the
-# small Llama's experts, D 256, F 88): ~2.5x faster than the per-expert loop at 16 rows
-# (two calls instead of ~50 small ops: decoding), ~1.1x at 2048; from 4096 rows on no
+# small Llama's experts, D 256, F 88): ~2.5x faster than the Python per-expert loop at 16
+# rows (two calls instead of ~50 small ops: decoding), ~1.1x at 2048; from 4096 rows on no
 # faster, and up to 2x slower when its fresh [A, 2F] and [A, D] outputs page-fault.
 _GROUPED_MM_MAX_ROWS = 2048
+# Where the C++ loop runs (CPU, fp32/bf16) it is used instead at any size: measured with new
+# routing every call (same experts, 2 threads) as fast in fp32 and 1.05-2.4x faster in bf16,
+# whose grouped_mm pays oneDNN's set-up for every new group size.
+_GROUPED_MM_PREFERS_C_LOOP = True
+
+
+def _c_loop(x_TD: torch.Tensor, experts: SwiGLUExperts):
+    """The extension when `moe_expert_rows` can run these experts on x_TD, else None."""
+    ext = fused_kernels(x_TD)
+    if ext is not None and x_TD.dtype == experts.gate_up_E2FD.dtype == experts.down_EDF.dtype:
+        return ext
+    return None
 
 
 def _expert_rows_grouped_mm(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUExperts) -> torch.Tensor:
@@ -151,16 +215,18 @@ def _expert_rows_loop(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUE
     All buffers, the output included, come from the reused `_workspace`."""
     dim, hidden = x_TD.shape[1], experts.expert_hidden
     total, rows = len(groups.token_index), max(groups.counts)
-    ext = fused_kernels(x_TD)
-    if ext is not None and x_TD.dtype == experts.gate_up_E2FD.dtype == experts.down_EDF.dtype:
+    ext = _c_loop(x_TD, experts)
+    if ext is not None:
         # The loop below in C++ (moe_kernels.cpp) with the SwiGLU fused, no per-op Python
         # cost, and on several threads whole experts per thread (one gather and hidden
-        # buffer slice each).
+        # buffer slice each). bf16 groups run padded to `matmul_rows`.
+        run_rows = [matmul_rows(n) for n in groups.counts] if pads_expert_rows(x_TD) else list(groups.counts)
+        rows = max(run_rows)
         threads = ext.moe_parallel_experts(groups.counts, dim, hidden)
         buf = _workspace(total * dim + threads * rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
         y_AD, x_buf, h_buf = buf.split([total * dim, threads * rows * dim, threads * rows * 2 * hidden])
         y_AD = y_AD.view(total, dim)
-        ext.moe_expert_rows(x_TD, groups.token_index, groups.counts, experts.gate_up_E2FD.detach(),
+        ext.moe_expert_rows(x_TD, groups.token_index, groups.counts, run_rows, experts.gate_up_E2FD.detach(),
                             experts.down_EDF.detach(), y_AD, x_buf, h_buf, threads)
         return y_AD
     buf = _workspace(total * dim + rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
@@ -219,10 +285,12 @@ def dispatch_naive(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts)
 
 def dispatch(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts, method: str = "auto") -> torch.Tensor:
     """Dispatch by name: "sorted" (per-expert slices), "grouped_mm", "naive", or "auto":
-    `torch._grouped_mm` where it runs for this device and dtype (measured faster on a
-    2-core CPU, fp32 and bf16, see benchmarks/bench_moe_dispatch.py), slices otherwise."""
+    per-expert slices on CPU, `torch._grouped_mm` on other devices where it runs for the
+    dtype. On CPU the two measured alike in fp32 (benchmarks/bench_moe_dispatch.py, new
+    routing every step, 1 and 2 threads) and the slices 2-15% faster in bf16."""
     if method == "auto":
-        method = "grouped_mm" if _grouped_mm_works(x_TD.device.type, x_TD.dtype) else "sorted"
+        method = ("grouped_mm" if x_TD.device.type != "cpu" and _grouped_mm_works(x_TD.device.type, x_TD.dtype)
+                  else "sorted")
     if method == "sorted":
         return dispatch_sorted(x_TD, routing, experts)
     if method == "grouped_mm":

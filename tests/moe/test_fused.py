@@ -115,19 +115,21 @@ def test_route_top_k_grouping_matches_python(tokens, experts, k):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_moe_expert_rows_equals_per_expert_linear(dtype, threads):
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+def test_moe_expert_rows_equals_per_expert_linear(dtype, threads, padded):
     torch.manual_seed(1)
     experts, dim, hidden, tokens = 5, 24, 20, 50
     x = torch.randn(tokens, dim).to(dtype)
     gate_up = (torch.randn(experts, 2 * hidden, dim) / 5).to(dtype)
     down = (torch.randn(experts, dim, hidden) / 5).to(dtype)
     counts = [13, 0, 30, 7, 50]  # one expert without rows, one with every token
+    run_rows = [16, 3, 30, 11, 64] if padded else counts  # extra zero rows through the matmuls
     token_index = torch.cat([torch.randperm(tokens)[:n].sort().values for n in counts])
     y = torch.full((sum(counts), dim), float("nan"), dtype=dtype)
-    most = max(counts)
-    x_buf = torch.empty(threads * most * dim, dtype=dtype)
-    h_buf = torch.empty(threads * most * 2 * hidden, dtype=dtype)
-    EXT.moe_expert_rows(x, token_index, counts, gate_up, down, y, x_buf, h_buf, threads)
+    most = max(run_rows)
+    x_buf = torch.full((threads * most * dim,), float("nan"), dtype=dtype)  # stale garbage must not leak
+    h_buf = torch.full((threads * most * 2 * hidden,), float("nan"), dtype=dtype)
+    EXT.moe_expert_rows(x, token_index, counts, run_rows, gate_up, down, y, x_buf, h_buf, threads)
     start = 0
     for e, n in enumerate(counts):
         xe = x[token_index[start:start + n]].double()
@@ -135,4 +137,6 @@ def test_moe_expert_rows_equals_per_expert_linear(dtype, threads):
         torch.testing.assert_close(y[start:start + n].double(), ref, **TOL[dtype])
         start += n
     with pytest.raises(RuntimeError, match="too small"):
-        EXT.moe_expert_rows(x, token_index, counts, gate_up, down, y, x_buf[:10], h_buf, threads)
+        EXT.moe_expert_rows(x, token_index, counts, run_rows, gate_up, down, y, x_buf[:10], h_buf, threads)
+    with pytest.raises(RuntimeError, match="run_rows"):
+        EXT.moe_expert_rows(x, token_index, counts, [12, 0, 30, 7, 50], gate_up, down, y, x_buf, h_buf, threads)

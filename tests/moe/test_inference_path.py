@@ -76,6 +76,7 @@ def expert_rows(request, monkeypatch):
         if not grouped_mm_available("cpu", torch.float32) or not grouped_mm_available("cpu", torch.bfloat16):
             pytest.skip("torch._grouped_mm unavailable")
         monkeypatch.setattr(dispatch_module, "_GROUPED_MM_MAX_ROWS", 1 << 30)
+        monkeypatch.setattr(dispatch_module, "_GROUPED_MM_PREFERS_C_LOOP", False)
     else:
         monkeypatch.setattr(dispatch_module, "_GROUPED_MM_MAX_ROWS", 0)
     calls = []

@@ -25,8 +25,9 @@ at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act);
 at::Tensor rows_sum(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights);
 std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights,
                                                      at::Tensor grad_out, bool need_weight_grad);
-void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> counts, at::Tensor gate_up,
-                     at::Tensor down, at::Tensor y, at::Tensor x_buf, at::Tensor h_buf, int64_t threads);
+void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> counts,
+                     std::vector<int64_t> run_rows, at::Tensor gate_up, at::Tensor down, at::Tensor y,
+                     at::Tensor x_buf, at::Tensor h_buf, int64_t threads);
 std::vector<at::Tensor> route_top_k(at::Tensor scores, int64_t K);
 int64_t moe_parallel_experts(std::vector<int64_t> counts, int64_t D, int64_t F);
 void obs_prune_block(at::Tensor W, at::Tensor U, at::Tensor prune, at::Tensor err, int64_t n, int64_t m);
@@ -50,7 +51,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_sum_backward", &sparselm::rows_sum_backward,
         "gradients of rows_sum w.r.t. src (rows used at most once) and, if asked, w");
   m.def("moe_expert_rows", &sparselm::moe_expert_rows,
-        "the no-grad MoE expert loop: gather, gate/up matmul, fused SwiGLU, down matmul per expert",
+        "the no-grad MoE expert loop: gather, gate/up matmul, fused SwiGLU, down matmul per expert "
+        "(each on run_rows[e] >= counts[e] rows, zero-padded)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("route_top_k", &sparselm::route_top_k,
         "top-k experts per token (ties: lower index) and the assignments grouped by expert: "

@@ -283,11 +283,15 @@ std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor 
 //   h^T [2F,n] = gate_up[e] @ x_buf[:n]^T                    (gate rows, then up rows)
 //   act^T      = silu(h^T[:F]) * h^T[F:]   in place           (fused, one pass)
 //   y[a:a+n]   = act^T^T @ down[e]^T
+// Each expert's matmuls run on run_rows[e] >= counts[e] rows (zero rows appended to the
+// gather, their outputs dropped): the caller rounds the row counts so that matmul shapes
+// repeat from call to call, because oneDNN's bf16 matmuls pay a one-off set-up per new shape
+// (about as much as the product itself at these sizes; see `matmul_rows` in dispatch.py).
 // Same ops as the Python loop it replaces, without ~10 Python-level calls per expert. When
 // there are enough rows, the threads take whole experts (largest first), each running its
 // matmuls on one thread: an expert's matmuls are small ([2F, D] x [D, n]) and split across
 // threads they spend much of their time synchronising. Each thread then needs its own
-// gather and hidden buffers: x_buf and h_buf hold `threads` slices (see `moe_workspace_rows`).
+// gather and hidden buffers: x_buf and h_buf hold `threads` slices of max(run_rows) rows.
 int64_t moe_parallel_experts(std::vector<int64_t> counts, int64_t D, int64_t F) {
   int64_t total = 0, busy = 0;
   for (int64_t n : counts) {
@@ -300,11 +304,13 @@ int64_t moe_parallel_experts(std::vector<int64_t> counts, int64_t D, int64_t F) 
   return std::min<int64_t>(threads, busy);
 }
 
-void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> counts, at::Tensor gate_up,
-                     at::Tensor down, at::Tensor y, at::Tensor x_buf, at::Tensor h_buf, int64_t threads) {
+void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> counts,
+                     std::vector<int64_t> run_rows, at::Tensor gate_up, at::Tensor down, at::Tensor y,
+                     at::Tensor x_buf, at::Tensor h_buf, int64_t threads) {
   check_float_or_bf16(x, "moe_expert_rows", "x");
   const int64_t E = gate_up.size(0), F = down.size(2), D = x.size(1);
-  TORCH_CHECK((int64_t)counts.size() == E, "moe_expert_rows: ", counts.size(), " counts for ", E, " experts");
+  TORCH_CHECK((int64_t)counts.size() == E && (int64_t)run_rows.size() == E, "moe_expert_rows: ", counts.size(),
+              " counts and ", run_rows.size(), " run_rows for ", E, " experts");
   TORCH_CHECK(gate_up.size(1) == 2 * F && gate_up.size(2) == D && down.size(1) == D,
               "moe_expert_rows: gate_up [E, 2F, D] and down [E, D, F] do not match x [T, ", D, "]");
   TORCH_CHECK(y.is_contiguous() && x_buf.is_contiguous() && h_buf.is_contiguous(),
@@ -313,9 +319,10 @@ void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> 
   std::vector<int64_t> starts(E + 1, 0);
   int64_t most = 0;
   for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(counts[e] >= 0, "moe_expert_rows: negative count");
+    TORCH_CHECK(counts[e] >= 0 && run_rows[e] >= counts[e], "moe_expert_rows: expert ", e, " has ", counts[e],
+                " rows and run_rows ", run_rows[e], " (need 0 <= count <= run_rows)");
     starts[e + 1] = starts[e] + counts[e];
-    most = std::max(most, counts[e]);
+    most = std::max(most, run_rows[e]);
   }
   TORCH_CHECK(starts[E] == token_index.numel() && y.size(0) == starts[E] && y.size(1) == D,
               "moe_expert_rows: counts sum to ", starts[E], ", token_index has ", token_index.numel(),
@@ -325,18 +332,25 @@ void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> 
   x_buf = x_buf.view(-1);
   h_buf = h_buf.view(-1);
   auto run_expert = [&](int64_t e, int64_t slot) {
-    const int64_t n = counts[e];
-    at::Tensor x_nD = x_buf.narrow(0, slot * most * D, n * D).view({n, D});
+    const int64_t n = counts[e], m = run_rows[e];  // m >= n rows go through the matmuls
+    at::Tensor x_mD = x_buf.narrow(0, slot * most * D, m * D).view({m, D});
+    at::Tensor x_nD = x_mD.narrow(0, 0, n);
     at::index_select_out(x_nD, x, 0, token_index.narrow(0, starts[e], n));
-    at::Tensor h_2Fn = h_buf.narrow(0, slot * most * 2 * F, 2 * F * n).view({2 * F, n});
-    at::mm_out(h_2Fn, gate_up[e], x_nD.t());
-    SPARSELM_DISPATCH_VALUES(h_2Fn, "moe_expert_rows", [&] {
-      scalar_t* hp = h_2Fn.data_ptr<scalar_t>();
-      // As [F*n] gate values then [F*n] up values: act overwrites the gate half.
-      split_flat(F * n, F * n * 8, [&](int64_t lo, int64_t hi) { swiglu_range(hp, hp, F * n, lo, hi); });
+    if (m > n) x_mD.narrow(0, n, m - n).zero_();
+    at::Tensor h_2Fm = h_buf.narrow(0, slot * most * 2 * F, 2 * F * m).view({2 * F, m});
+    at::mm_out(h_2Fm, gate_up[e], x_mD.t());
+    SPARSELM_DISPATCH_VALUES(h_2Fm, "moe_expert_rows", [&] {
+      scalar_t* hp = h_2Fm.data_ptr<scalar_t>();
+      // As [F*m] gate values then [F*m] up values: act overwrites the gate half.
+      split_flat(F * m, F * m * 8, [&](int64_t lo, int64_t hi) { swiglu_range(hp, hp, F * m, lo, hi); });
     });
-    at::Tensor out = y.narrow(0, starts[e], n);
-    at::mm_out(out, h_2Fn.narrow(0, 0, F).t(), down[e].t());
+    if (m == n) {
+      at::Tensor out = y.narrow(0, starts[e], n);
+      at::mm_out(out, h_2Fm.narrow(0, 0, F).t(), down[e].t());
+    } else {  // the gather buffer is free again: the [m, D] product lands there, n rows are kept
+      at::mm_out(x_mD, h_2Fm.narrow(0, 0, F).t(), down[e].t());
+      y.narrow(0, starts[e], n).copy_(x_mD.narrow(0, 0, n));
+    }
   };
   if (threads == 1) {
     for (int64_t e = 0; e < E; ++e)
