@@ -26,7 +26,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from sparselm.moe.experts import SwiGLUExperts, grouped_mm_available
+from sparselm.moe.experts import (SwiGLUExperts, grouped_mm_available, matmul_rows, pads_expert_rows,
+                                  padded_layout)
 from sparselm.moe.fused import fused_kernels, rows_sum, swiglu
 from sparselm.moe.routing import ExpertGroups, Routing, dense_gate_matrix, sort_by_expert
 
@@ -52,7 +53,8 @@ def _dispatch_slot_major(x_TD, routing: Routing, experts: SwiGLUExperts, use_gro
     permutation of a [K, T] grid. Gather and un-gather are then row permutations whose
     backward is another gather (no scatter-add), and the K outputs of a token are summed
     over a dense [K, T, D] view. Where the fused kernels run and the matmuls are bf16 on CPU,
-    each expert's group is padded with zero rows to `matmul_rows` (see there)."""
+    each expert's group is padded with zero rows to `matmul_rows` (experts.py) right in the
+    gather, so the experts receive counts that need no further padding."""
     num_tokens, slots = x_TD.shape[0], routing.slots
     order, counts = sort_by_expert(routing.expert_index, experts.num_experts)  # [K*T]
     inverse = torch.empty_like(order)  # inverse[k*T + t]: the grouped row of assignment (k, t)
@@ -72,28 +74,6 @@ def _dispatch_slot_major(x_TD, routing: Routing, experts: SwiGLUExperts, use_gro
     return (y_KTD * gates_KT1).sum(dim=0)  # [T, D]
 
 
-def matmul_rows(n: int) -> int:
-    """Rows an expert's matmuls run on when it is routed n rows: n itself up to 64, above
-    that n rounded up to 32 steps per power of two (at most 1/32 more rows).
-
-    Why: oneDNN, which runs PyTorch's bf16 matmuls on CPU, builds (JIT-compiles) a kernel
-    for every new problem shape on its first use, and an expert's row count changes with
-    every batch. On the issue's dispatch shapes (4096 tokens, 8 experts, d 512, hidden 1408,
-    1 thread) a training step with new routing every step took 1.7-2x the time of the same
-    step on a repeated batch, and the no-grad forward 2x; with the rounded counts the shapes
-    repeat within a few steps. fp32 matmuls (MKL) have no such cost and are not padded.
-    """
-    if n <= 64:
-        return n
-    step = 1 << (n.bit_length() - 6)
-    return -(-n // step) * step
-
-
-def pads_expert_rows(x: torch.Tensor) -> bool:
-    """Whether expert groups are padded to `matmul_rows` for inputs like x (bf16/fp16 CPU)."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-
-
 def _padded_groups(src_A: torch.Tensor, inverse: torch.Tensor, counts: list[int]):
     """The grouped layout with each expert's group padded to `matmul_rows` rows.
 
@@ -102,16 +82,10 @@ def _padded_groups(src_A: torch.Tensor, inverse: torch.Tensor, counts: list[int]
     padded = [matmul_rows(n) for n in counts]
     if padded == counts:
         return src_A, inverse, None, counts
-    device = src_A.device
-    shift_E = torch.tensor(padded, device=device).cumsum(0) - torch.tensor(counts, device=device).cumsum(0)
-    shift_E = torch.cat([shift_E.new_zeros(1), shift_E[:-1]])  # extra rows before each group
-    moved_A = torch.arange(src_A.numel(), device=device) + shift_E.repeat_interleave(
-        torch.tensor(counts, device=device), output_size=src_A.numel())  # padded row of each grouped row
+    moved_A, pad_rows = padded_layout(counts, padded, src_A.device)
     src_P = src_A.new_zeros(sum(padded))
     src_P[moved_A] = src_A
-    is_pad = torch.ones(src_P.numel(), dtype=torch.bool, device=device)
-    is_pad[moved_A] = False
-    return src_P, moved_A[inverse], is_pad.nonzero().squeeze(1), padded
+    return src_P, moved_A[inverse], pad_rows, padded
 
 
 class _GatherSlots(torch.autograd.Function):

@@ -24,6 +24,43 @@ from sparselm.moe.fused import SwiGLUFn
 from sparselm.moe.grouped_swiglu import grouped_swiglu
 
 
+def matmul_rows(n: int) -> int:
+    """Rows an expert's matmuls run on when it is routed n rows: n itself up to 64, above
+    that n rounded up to 32 steps per power of two (at most 1/32 more rows).
+
+    Why: oneDNN, which runs PyTorch's bf16 matmuls on CPU, builds (JIT-compiles) a kernel
+    for every new problem shape on its first use, and an expert's row count changes with
+    every batch. On the issue's dispatch shapes (4096 tokens, 8 experts, d 512, hidden 1408,
+    1 thread) a training step with new routing every step took 1.7-2x the time of the same
+    step on a repeated batch, and the no-grad forward 2x; with the rounded counts the shapes
+    repeat within a few steps. fp32 matmuls (MKL) have no such cost and are not padded.
+    `SwiGLUExperts.forward_grouped` pads the groups it is given; dropless top-k dispatch
+    (dispatch.py) lays its gather out padded in the first place.
+    """
+    if n <= 64:
+        return n
+    step = 1 << (n.bit_length() - 6)
+    return -(-n // step) * step
+
+
+def pads_expert_rows(x: torch.Tensor) -> bool:
+    """Whether expert groups are padded to `matmul_rows` for inputs like x (bf16/fp16 CPU)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def padded_layout(counts: list[int], padded: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows grouped by expert (counts[e] rows for expert e), each group then padded to
+    padded[e] rows: the new row of each of the sum(counts) rows [A], and the pad rows."""
+    rows = sum(counts)
+    count_E, padded_E = torch.tensor(counts, device=device), torch.tensor(padded, device=device)
+    extra_E = padded_E.cumsum(0) - count_E.cumsum(0)
+    extra_E = torch.cat([extra_E.new_zeros(1), extra_E[:-1]])  # pad rows before each group
+    moved_A = torch.arange(rows, device=device) + extra_E.repeat_interleave(count_E, output_size=rows)
+    is_pad = torch.ones(sum(padded), dtype=torch.bool, device=device)
+    is_pad[moved_A] = False
+    return moved_A, is_pad.nonzero().squeeze(1)
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU experts with stacked weights.
 
@@ -62,9 +99,26 @@ class SwiGLUExperts(nn.Module):
         per-expert loop (same math; available on CPU for fp32/bf16 in recent PyTorch). It
         needs row strides that are multiples of 16 bytes; other shapes use the loop.
         """
+        if pads_expert_rows(x_AD):
+            padded = [matmul_rows(n) for n in counts]
+            if padded != counts:
+                return self._forward_padded(x_AD, counts, padded, use_grouped_mm)
         if use_grouped_mm and self.grouped_mm_aligned(x_AD.dtype):
             return self._forward_grouped_mm(x_AD, counts)
         return grouped_swiglu(x_AD, self.gate_up_E2FD, self.down_EDF, counts)  # [A, D]
+
+    def _forward_padded(self, x_AD: torch.Tensor, counts: list[int], padded: list[int],
+                        use_grouped_mm: bool) -> torch.Tensor:
+        """forward_grouped with each group run on `padded[e]` rows (zero rows appended)."""
+        moved_A, pad_rows = padded_layout(counts, padded, x_AD.device)
+        src_P = torch.zeros(sum(padded), dtype=torch.long, device=x_AD.device)  # pad rows read row 0, then 0
+        src_P[moved_A] = torch.arange(x_AD.shape[0], device=x_AD.device)
+        x_PD = x_AD.index_select(0, src_P).index_fill(0, pad_rows, 0)
+        if use_grouped_mm and self.grouped_mm_aligned(x_AD.dtype):
+            y_PD = self._forward_grouped_mm(x_PD, padded)
+        else:
+            y_PD = grouped_swiglu(x_PD, self.gate_up_E2FD, self.down_EDF, padded)
+        return y_PD.index_select(0, moved_A)  # [A, D]
 
     def grouped_mm_aligned(self, dtype: torch.dtype) -> bool:
         itemsize = torch.empty((), dtype=dtype).element_size()

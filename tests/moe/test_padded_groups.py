@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparselm.moe.dispatch import _padded_groups, matmul_rows, pads_expert_rows
+from sparselm.moe.experts import SwiGLUExperts, grouped_mm_available
 from sparselm.moe.fused import fused_kernels
 from sparselm.moe.layer import MoEConfig, MoELayer
 
@@ -108,3 +109,38 @@ def test_bf16_pads_by_default(monkeypatch):
     torch.testing.assert_close(gx, gx_ref, **tol)
     for name in gw_ref:
         torch.testing.assert_close(gw[name], gw_ref[name], **tol, msg=name)
+
+
+experts_module = sys.modules["sparselm.moe.experts"]
+
+
+@pytest.mark.parametrize("use_grouped_mm", [False, True], ids=["slices", "grouped_mm"])
+def test_forward_grouped_pads_any_caller(use_grouped_mm, monkeypatch):
+    """Callers other than dropless dispatch (capacity routing, expert parallelism) hand
+    unpadded groups to forward_grouped, which pads them itself in bf16 on CPU."""
+    if use_grouped_mm and not grouped_mm_available("cpu", torch.bfloat16):
+        pytest.skip("torch._grouped_mm unavailable")
+    torch.manual_seed(4)
+    experts = SwiGLUExperts(3, 32, 24, dtype=torch.bfloat16)
+    counts = [70, 0, 131]  # padded to 70 (step 2) and 132 (step 4): one group changes
+    assert [matmul_rows(n) for n in counts] == [70, 0, 132]
+
+    def run():
+        experts.zero_grad()
+        x = torch.randn(sum(counts), 32, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        x.requires_grad_(True)
+        y = experts.forward_grouped(x, counts, use_grouped_mm=use_grouped_mm)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), x.grad, experts.gate_up_E2FD.grad.clone(), experts.down_EDF.grad.clone()
+
+    calls = []
+    original = experts_module.SwiGLUExperts._forward_padded
+    monkeypatch.setattr(experts_module.SwiGLUExperts, "_forward_padded",
+                        lambda self, *a: calls.append(a[2]) or original(self, *a))
+    padded = run()
+    assert calls == [[70, 0, 132]]
+    monkeypatch.setattr(experts_module, "pads_expert_rows", lambda x: False)
+    plain = run()
+    for got, ref in zip(padded, plain):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
