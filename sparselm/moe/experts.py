@@ -25,21 +25,28 @@ from sparselm.moe.grouped_swiglu import grouped_swiglu
 
 
 def matmul_rows(n: int) -> int:
-    """Rows an expert's matmuls run on when it is routed n rows: n itself up to 64, above
-    that n rounded up to 32 steps per power of two (at most 1/32 more rows).
+    """Rows an expert's matmuls run on when it is routed n rows (bf16/fp16 on CPU, see
+    `pads_expert_rows`): n itself up to 64; a multiple of 16 up to 512; above that a
+    multiple of 32, and of 1/32 of the power of two below n from 2048 on (at most ~6% more
+    rows, about 1.5% on average for groups of ~1000).
 
-    Why: oneDNN, which runs PyTorch's bf16 matmuls on CPU, builds (JIT-compiles) a kernel
-    for every new problem shape on its first use, and an expert's row count changes with
-    every batch. On the issue's dispatch shapes (4096 tokens, 8 experts, d 512, hidden 1408,
-    1 thread) a training step with new routing every step took 1.7-2x the time of the same
-    step on a repeated batch, and the no-grad forward 2x; with the rounded counts the shapes
-    repeat within a few steps. fp32 matmuls (MKL) have no such cost and are not padded.
-    `SwiGLUExperts.forward_grouped` pads the groups it is given; dropless top-k dispatch
-    (dispatch.py) lays its gather out padded in the first place.
+    Why, measured on one core of this project's machines (AMX, oneDNN through PyTorch):
+    - oneDNN builds (JIT-compiles) a kernel for every new matmul shape on its first use, and an
+      expert's row count changes with every batch: a [~1000, 512] x [512, 2816] product took
+      11-14 ms the first time and 3.5 ms after. With new routing every step the MoE training
+      step on the issue's dispatch shapes took 1.7-2x the dense MLP's time (1.0x on a repeated
+      batch), the no-grad forward 2x its repeated-batch time. Rounded counts repeat.
+    - Row counts off the kernels' tile sizes run slower even when set up: the forward
+      product at 1000 or 1030 rows took 20-40% longer per row than at 1008 or 1024, the
+      weight gradient (the rows are its reduction dimension) ~15% longer at a multiple of 16
+      than at a multiple of 32.
+    fp32 matmuls (MKL) showed neither effect and are not padded. `SwiGLUExperts.forward_grouped`
+    pads the groups it is given; dropless top-k dispatch (dispatch.py) lays its gather out
+    padded in the first place.
     """
     if n <= 64:
         return n
-    step = 1 << (n.bit_length() - 6)
+    step = 16 if n <= 512 else max(32, 1 << (n.bit_length() - 6))
     return -(-n // step) * step
 
 

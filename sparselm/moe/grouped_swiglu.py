@@ -22,7 +22,26 @@ from __future__ import annotations
 
 import torch
 
-from sparselm.moe.fused import swiglu, swiglu_backward
+from sparselm.moe.fused import fused_kernels, swiglu, swiglu_backward
+
+
+def _products(like: torch.Tensor, counts: list[int], dim: int, hidden: int):
+    """A function running a list of (a, b, out) products out = a @ b: where the C++ kernels run
+    and several threads pay off, the products go to different threads, each single-threaded
+    (`mm_many`); else one after the other, each on all threads."""
+    ext = fused_kernels(like)
+    threads = ext.moe_parallel_experts(counts, dim, hidden) if ext is not None else 1
+    if threads > 1:
+        def run(triples):
+            if triples:
+                a, b, out = zip(*triples)
+                ext.mm_many(list(a), list(b), list(out), threads)
+        return run
+
+    def run_serial(triples):
+        for a, b, out in triples:
+            torch.mm(a, b, out=out)
+    return run_serial
 
 
 def _groups(counts: list[int]):
@@ -39,13 +58,12 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         num_rows, dim = x_AD.shape
         hidden = down_EDF.shape[-1]
         x_AD = x_AD.contiguous()
+        run = _products(x_AD, counts, dim, hidden)
         h_A2F = x_AD.new_empty(num_rows, 2 * hidden)
-        for e, a, b in _groups(counts):
-            torch.mm(x_AD[a:b], gate_up_E2FD[e].t(), out=h_A2F[a:b])  # [n, 2F]
+        run([(x_AD[a:b], gate_up_E2FD[e].t(), h_A2F[a:b]) for e, a, b in _groups(counts)])  # [n, 2F] each
         act_AF = swiglu(h_A2F)  # [A, F], one fused pass where the C++ kernels run
         y_AD = x_AD.new_empty(num_rows, dim)
-        for e, a, b in _groups(counts):
-            torch.mm(act_AF[a:b], down_EDF[e].t(), out=y_AD[a:b])  # [n, D]
+        run([(act_AF[a:b], down_EDF[e].t(), y_AD[a:b]) for e, a, b in _groups(counts)])  # [n, D] each
         ctx.save_for_backward(x_AD, gate_up_E2FD, down_EDF, h_A2F, act_AF)
         ctx.counts = counts
         return y_AD
@@ -57,23 +75,29 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         grad_y_AD = grad_y_AD.contiguous()
         want_x, want_gate_up, want_down = ctx.needs_input_grad[:3]
 
+        run = _products(x_AD, counts, x_AD.shape[1], down_EDF.shape[-1])
+
         grad_act_AF = torch.empty_like(act_AF)
         grad_down = _zero_unused(down_EDF, counts) if want_down else None
+        products = []
         for e, a, b in _groups(counts):
-            torch.mm(grad_y_AD[a:b], down_EDF[e], out=grad_act_AF[a:b])  # [n, F]
+            products.append((grad_y_AD[a:b], down_EDF[e], grad_act_AF[a:b]))  # [n, F]
             if want_down:
-                torch.mm(grad_y_AD[a:b].t(), act_AF[a:b], out=grad_down[e])  # [D, F]
+                products.append((grad_y_AD[a:b].t(), act_AF[a:b], grad_down[e]))  # [D, F]
+        run(products)
 
         grad_h_A2F = swiglu_backward(h_A2F, grad_act_AF)  # [A, 2F]
         del grad_act_AF
 
         grad_x = torch.empty_like(x_AD) if want_x else None
         grad_gate_up = _zero_unused(gate_up_E2FD, counts) if want_gate_up else None
+        products = []
         for e, a, b in _groups(counts):
             if want_x:
-                torch.mm(grad_h_A2F[a:b], gate_up_E2FD[e], out=grad_x[a:b])  # [n, D]
+                products.append((grad_h_A2F[a:b], gate_up_E2FD[e], grad_x[a:b]))  # [n, D]
             if want_gate_up:
-                torch.mm(grad_h_A2F[a:b].t(), x_AD[a:b], out=grad_gate_up[e])  # [2F, D]
+                products.append((grad_h_A2F[a:b].t(), x_AD[a:b], grad_gate_up[e]))  # [2F, D]
+        run(products)
         if want_x and sum(counts) < x_AD.shape[0]:
             grad_x[sum(counts):].zero_()
         return grad_x, grad_gate_up, grad_down, None

@@ -140,3 +140,66 @@ def test_moe_expert_rows_equals_per_expert_linear(dtype, threads, padded):
         EXT.moe_expert_rows(x, token_index, counts, run_rows, gate_up, down, y, x_buf[:10], h_buf, threads)
     with pytest.raises(RuntimeError, match="run_rows"):
         EXT.moe_expert_rows(x, token_index, counts, [12, 0, 30, 7, 50], gate_up, down, y, x_buf, h_buf, threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_mm_many_equals_mm(dtype, threads, mode):
+    """Views (transposes, row slices into one output), an empty product, a weight that requires
+    grad: the worker threads must take on the caller's grad / inference mode."""
+    torch.manual_seed(threads)
+    weight = torch.randn(3, 20, 12).to(dtype).requires_grad_(True)
+    x = torch.randn(40, 12).to(dtype)
+    out = torch.full((40, 20), float("nan"), dtype=dtype)
+    grad_w = torch.full((3, 20, 12), float("nan"), dtype=dtype)
+    splits = [(0, 13), (13, 13), (13, 40)]  # the middle product has no rows
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        a = [x[s:e] for s, e in splits] + [out[s:e].t() for s, e in splits]
+        b = [weight[i].t() for i in range(3)] + [x[s:e] for s, e in splits]
+        outs = [out[s:e] for s, e in splits] + [grad_w[i] for i in range(3)]
+        EXT.mm_many(a[:3], b[:3], outs[:3], threads)  # out = x @ W^T per group
+        EXT.mm_many(a[3:], b[3:], outs[3:], threads)  # then [20, n] @ [n, 12] per group
+        for i, (s, e) in enumerate(splits):
+            ref = x[s:e].double() @ weight[i].detach().double().t()
+            torch.testing.assert_close(out[s:e].double(), ref, **TOL[dtype])
+            ref_w = out[s:e].double().t() @ x[s:e].double()
+            torch.testing.assert_close(grad_w[i].double(), ref_w, **TOL[dtype])
+    with pytest.raises(RuntimeError, match="shapes"):
+        EXT.mm_many([x], [weight[0].detach()], [out], threads)
+
+
+@needs_ext
+def test_grouped_swiglu_on_threads_matches_serial(monkeypatch):
+    """The per-expert products spread over threads (mm_many) give the serial loop's values."""
+    from sparselm.moe.grouped_swiglu import grouped_swiglu
+    torch.manual_seed(0)
+    gate_up = (torch.randn(4, 128, 64) / 8).requires_grad_(True)
+    down = (torch.randn(4, 64, 64) / 8).requires_grad_(True)
+    counts = [300, 0, 450, 250]
+    x = torch.randn(sum(counts), 64)
+
+    def run():
+        gate_up.grad = down.grad = None
+        xr = x.clone().requires_grad_(True)
+        y = grouped_swiglu(xr, gate_up, down, counts)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), xr.grad, gate_up.grad.clone(), down.grad.clone()
+
+    threads_used = []
+    real = EXT.mm_many
+    monkeypatch.setattr(EXT, "mm_many", lambda *a: threads_used.append(a[3]) or real(*a))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert EXT.moe_parallel_experts(counts, 64, 64) == 2  # enough work for two threads
+        spread = run()
+        torch.set_num_threads(1)
+        serial = run()
+    finally:
+        torch.set_num_threads(old)
+    assert threads_used == [2, 2, 2, 2]  # forward: two loops, backward: two
+    for got, ref in zip(spread, serial):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(spread[3][1] == 0) and torch.all(spread[2][1] == 0)  # the expert without rows

@@ -30,6 +30,7 @@ void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> 
                      at::Tensor x_buf, at::Tensor h_buf, int64_t threads);
 std::vector<at::Tensor> route_top_k(at::Tensor scores, int64_t K);
 int64_t moe_parallel_experts(std::vector<int64_t> counts, int64_t D, int64_t F);
+void mm_many(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out, int64_t threads);
 void obs_prune_block(at::Tensor W, at::Tensor U, at::Tensor prune, at::Tensor err, int64_t n, int64_t m);
 bool compiled_with_avx512() { return SPARSELM_AVX512 != 0; }
 }  // namespace sparselm
@@ -57,6 +58,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route_top_k", &sparselm::route_top_k,
         "top-k experts per token (ties: lower index) and the assignments grouped by expert: "
         "(choice [T, K], rows [T, K], tokens [T*K], counts [E])");
+  m.def("mm_many", &sparselm::mm_many,
+        "out[i] = a[i] @ b[i] for every i, the products spread over threads (each on one thread)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("moe_parallel_experts", &sparselm::moe_parallel_experts,
         "threads moe_expert_rows should use (whole experts per thread), 1 for splitting each matmul");
   pybind11::class_<sparselm::DecodeStack>(m, "DecodeStack",
