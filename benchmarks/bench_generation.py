@@ -9,8 +9,8 @@ preallocated cache); the decode target compares the best packed run with the bes
 Reports decode tokens/s (target >= 1.5x dense), resident weight memory (target <= 0.5x dense;
 the embeddings and, unless --lm-head, the LM head stay dense, so the ratio for the packed
 linears alone is shown too), prefill tokens/s, bandwidth, FLOPs per token, peak RSS, energy
-where measurable, and test perplexity of the unpruned model and of the pruned one executed
-dense and packed (packing must not change quality).
+where measurable, and test perplexity of the unpruned model (fp32) and of the pruned one executed
+dense and packed (packing must not change quality; in --dtype, after the cast).
 Prints a Markdown table, then one JSON line.
 
 OpenMP's wait policy decides how much a multi-threaded decode step pays to wake its threads for
@@ -25,6 +25,7 @@ fastest packed run over both policies, both runtimes and both thread counts; `--
     python benchmarks/bench_generation.py --lm-head             # prune and pack the LM head too
     python benchmarks/bench_generation.py --lm-head --refine 50 # ... with SparseGPT + refit
     python benchmarks/bench_generation.py --shape 1024x8        # random Llama larger than the L3 cache
+    python benchmarks/bench_generation.py --dtype bf16          # every variant in bf16 (pruned in fp32)
 
 `--shape HIDDENxLAYERS` builds a randomly initialised Llama of that size instead (MLP 2.75x
 hidden, head dim 64, vocabulary 8192) and prunes it by magnitude: decode speed does not depend
@@ -131,6 +132,8 @@ def main():
                         help="SparseGPT then a refit of the kept weights (ITERS conjugate-gradient iterations; "
                              "sparselm's best recipe, which makes pruning the LM head far cheaper in perplexity)")
     parser.add_argument("--shape", default=None, help="HIDDENxLAYERS: a random Llama of this size instead")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights' dtype for every variant, dense and packed (pruned in fp32, then cast)")
     parser.add_argument("--policy", choices=("both", "passive", "active"), default="both",
                         help="OpenMP wait policy: both (default: one process each) or this process with one")
     args = parser.parse_args()
@@ -174,6 +177,8 @@ def main():
         method = "SparseGPT" + (f" + refit ({args.refine} CG iterations)" if args.refine else "") + \
             (" (LM head too)" if args.lm_head else "")
     prune_s = time.perf_counter() - start
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     if not args.shape:
         ppl_dense = perplexity(model, test_ids, seq_len=min(256, context), max_windows=16)
         packed = copy.deepcopy(model)
@@ -211,9 +216,9 @@ def main():
     memory = smallest["weight_bytes"] / dense["weight_bytes"]
     linear_memory = smallest["linear_weight_bytes"] / dense["linear_weight_bytes"]
     quality = "no perplexity (random weights)" if ppl_dense is None else \
-        f"test perplexity (16 windows) unpruned {ppl_unpruned:.3f}, pruned dense-executed {ppl_dense:.3f}, " \
+        f"test perplexity (16 windows) unpruned (fp32) {ppl_unpruned:.3f}, pruned dense-executed {ppl_dense:.3f}, " \
         f"bitmask-packed {ppl_packed:.3f}"
-    print(f"model {args.model}: {method} {args.sparsity:.0%} in {prune_s:.1f} s; {quality}; load average "
+    print(f"model {args.model} ({args.dtype}): {method} {args.sparsity:.0%} in {prune_s:.1f} s; {quality}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for (runtime, threads), summ in summaries.items():
         print(f"\n{runtime} runtime, {threads} thread(s):\n")
@@ -231,7 +236,7 @@ def main():
           f"({'the LM head pruned and packed too' if args.lm_head else 'the LM head stays dense'})")
     summary = {"results": results, "per_runtime": per_runtime,
                "runs": {f"{rt}/{t}": s for (rt, t), s in summaries.items()}}
-    print(json.dumps({"benchmark": "generation", "model": args.model, "sparsity": args.sparsity,
+    print(json.dumps({"benchmark": "generation", "model": args.model, "dtype": args.dtype, "sparsity": args.sparsity,
                       "perplexity_unpruned": ppl_unpruned, "perplexity_dense": ppl_dense,
                       "perplexity_packed": ppl_packed, "lm_head_pruned": args.lm_head, "refine": args.refine,
                       "decode_speedup_best": speedup, "best_variant": best["variant"],

@@ -9,7 +9,7 @@ so it hides what a sparse or smaller weight saves. `LeanDecoder` runs the same m
 layer, which is what a lean serving loop does. Its logits equal the transformers forward's
 (tested), so speed measured through it is the speed of the same model.
 
-Single-token steps of fp32 models on CPU go further when the C++ extension is built: the
+Single-token steps of fp32 and bf16 models on CPU go further when the C++ extension is built: the
 embedding lookup, the whole stack of blocks, the final norm and the LM head run in one call
 (`DecodeStack`, kernels/csrc/decode_step.cpp), the norms, rotary embedding, cache writes and
 attention as plain loops; at batch 1 the projections of one input (q/k/v, gate/up) share one
@@ -18,7 +18,12 @@ through the bitmask row kernel), other formats and batch sizes go through the sp
 and `at::linear` (what `nn.Linear` runs). Dense and packed models take the same path, so the
 per-step cost they share shrinks and what their weights cost is what differs. Prefill, other
 dtypes, other projection modules or a model the stack does not fit run the Python loop;
-`fast_path_reason` says why.
+`fast_path_reason` says why. bf16 models take the C++ step only whole (batch 1, every projection
+dense or bitmask-packed, the embedding and head included): it reads the bf16 weights widened to
+fp32, keeps activations in fp32 and stores keys and values in the bf16 cache, where the
+transformers forward rounds to bf16 after every operation, so its logits (returned in bf16, like
+the forward's; `generate` takes its argmaxes from the fp32 values) agree with that forward's to
+bf16 precision rather than exactly.
 The stack reads the modules' weight tensors in place: build the decoder after the model is final
 (packing or replacing a module afterwards is not seen by an existing decoder).
 
@@ -91,8 +96,8 @@ class LeanDecoder:
         ext = load_extension()
         if ext is None or not hasattr(ext, "DecodeStack"):
             return None, "the C++ extension is not built"
-        if self.k_cache.dtype != torch.float32 or self.k_cache.device.type != "cpu":
-            return None, f"the C++ decode step takes fp32 models on CPU, this one is {self.k_cache.dtype} on " \
+        if self.k_cache.dtype not in (torch.float32, torch.bfloat16) or self.k_cache.device.type != "cpu":
+            return None, f"the C++ decode step takes fp32 or bf16 models on CPU, this one is {self.k_cache.dtype} on " \
                          f"{self.k_cache.device.type}"
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return None, f"the C++ decode step implements SiLU MLPs, the model uses {cfg.hidden_act!r}"
@@ -115,27 +120,33 @@ class LeanDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             modules = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
                       [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-            specs = [_projection_spec(m) for m in modules]
+            specs = [_projection_spec(m, self.k_cache.dtype) for m in modules]
             if None in norms:
                 return None, f"layer {i}: a norm is not an RMSNorm with weight and epsilon"
             if None in specs:
                 bad = modules[specs.index(None)]
-                return None, f"layer {i}: projection {type(bad).__name__} is neither nn.Linear (fp32) nor SparseLinear"
+                return None, f"layer {i}: projection {type(bad).__name__} is neither nn.Linear (of the model's dtype) " \
+                             "nor SparseLinear"
             try:
                 stack.add_block(norms[0][0], norms[0][1], norms[1][0], norms[1][1], specs)
             except RuntimeError as err:  # shapes the stack does not fit (e.g. per-layer head counts)
                 return None, f"layer {i}: {str(err).splitlines()[0]}"
         # Embedding lookup, final norm and LM head join the C++ step when they fit it (else
         # the stack runs the blocks and they run in Python).
-        norm, head, embed = _rms_norm_parts(self.inner.norm), _projection_spec(self.head), self.inner.embed_tokens
+        norm, embed = _rms_norm_parts(self.inner.norm), self.inner.embed_tokens
+        head = _projection_spec(self.head, self.k_cache.dtype)
         if norm is not None and head is not None and type(embed) is nn.Embedding and embed.max_norm is None \
-                and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
+                and embed.weight.dtype == self.k_cache.dtype and embed.weight.is_contiguous():
             try:
                 stack.set_head(norm[0], norm[1], head)
                 stack.set_embedding(embed.weight.detach())
                 self._stack_full = True
             except RuntimeError:
                 pass
+        if self.k_cache.dtype == torch.bfloat16 and not (self._stack_full and stack.single_region):
+            self._stack_full = False
+            return None, "a bf16 model runs the C++ step only whole: batch 1, every projection dense or " \
+                         "bitmask-packed, the embedding and LM head included"
         return stack, None
 
     def reset(self) -> None:
@@ -154,11 +165,11 @@ class LeanDecoder:
             # Embedding, every block, final norm and LM head in one C++ call. No autograd
             # bookkeeping to switch off: the stack's tensors are detached.
             try:
-                logits = self._stack.step_tokens(ids, start)  # [B, V]
+                logits = self._stack.step_tokens(ids, start)  # [B, V] fp32
             except RuntimeError as err:  # e.g. a token id outside the vocabulary
                 raise SparselmError(str(err).splitlines()[0]) from None
             self.pos = end
-            return logits
+            return logits if self.k_cache.dtype == torch.float32 else logits.to(self.k_cache.dtype)
         return self._step_modules(ids, start, end)
 
     def generate(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -225,13 +236,14 @@ def _rms_norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
     eps = getattr(norm, "variance_epsilon", None)
     weight = getattr(norm, "weight", None)
     if eps is None or not isinstance(weight, torch.Tensor) or not type(norm).__name__.endswith("RMSNorm") \
-            or weight.dtype != torch.float32:
+            or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     return weight.detach(), float(eps)
 
 
-def _projection_spec(module: nn.Module | None):
-    """How `DecodeStack` runs a projection: (kind, tensors, bias, in, out, n, m), or None."""
+def _projection_spec(module: nn.Module | None, dtype: torch.dtype = torch.float32):
+    """How `DecodeStack` runs a projection of a model of `dtype`: (kind, tensors, bias, in, out,
+    n, m), or None."""
     from sparselm.pack import SparseLinear
 
     if isinstance(module, SparseLinear):
@@ -244,7 +256,7 @@ def _projection_spec(module: nn.Module | None):
         bias = module._parameters.get("bias")
         return (kind, [buf[n] for n in names], None if bias is None else bias.detach(), module.in_features,
                 module.out_features, module.n or 0, module.m or 0)
-    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.is_cpu:
+    if type(module) is nn.Linear and module.weight.dtype == dtype and module.weight.is_cpu:
         bias = None if module.bias is None else module.bias.detach()
         return (0, [module.weight.detach()], bias, module.in_features, module.out_features, 0, 0)
     return None

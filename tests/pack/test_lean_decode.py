@@ -104,12 +104,19 @@ needs_extension = pytest.mark.skipif(
     reason="the C++ decode step needs the kernel extension")
 
 
-def decode_logits(model, ids, steps, fast):
-    """Prefill ids, then `steps` greedy single-token steps: the logits of every step."""
-    dec = LeanDecoder(model, max_len=ids.shape[1] + steps + 1, batch_size=ids.shape[0], fast=fast)
-    out = [dec.step(ids)]
-    for _ in range(steps):
-        out.append(dec.step(out[-1].argmax(-1, keepdim=True)))
+def decode_logits(model, ids, steps, fast, threads=None):
+    """Prefill ids, then `steps` greedy single-token steps (on `threads` torch threads if
+    given): the logits of every step."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        dec = LeanDecoder(model, max_len=ids.shape[1] + steps + 1, batch_size=ids.shape[0], fast=fast)
+        out = [dec.step(ids)]
+        for _ in range(steps):
+            out.append(dec.step(out[-1].argmax(-1, keepdim=True)))
+    finally:
+        torch.set_num_threads(before)
     return dec, torch.stack(out)
 
 
@@ -154,12 +161,7 @@ def test_single_region_step_for_any_thread_count(threads):
     model.model.layers[1] = dense_layer  # one layer stays dense: both kinds in one step
     assert isinstance(model.lm_head, SparseLinear)
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fast_dec, fast = decode_logits(model, ids, 5, fast=True)
-    finally:
-        torch.set_num_threads(before)
+    fast_dec, fast = decode_logits(model, ids, 5, fast=True, threads=threads)
     slow_dec, slow = decode_logits(model, ids, 5, fast=False)
     assert fast_dec._stack.single_region
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
@@ -185,8 +187,13 @@ def test_cpp_decode_step_takes_per_layer_widths():
 
 @needs_extension
 def test_cpp_decode_step_says_why_it_is_not_used():
+    model = random_llama(seed=6).to(torch.float16)
+    assert "fp32 or bf16" in LeanDecoder(model, max_len=8).fast_path_reason
     model = random_llama(seed=6).to(torch.bfloat16)
-    assert "fp32" in LeanDecoder(model, max_len=8).fast_path_reason
+    assert "only whole" in LeanDecoder(model, max_len=8, batch_size=2).fast_path_reason  # batch 2
+    sparsify(model, Magnitude(sparsity=0.5), progress=False)
+    model.model.layers[0].mlp.up_proj = SparseLinear.from_dense(model.model.layers[0].mlp.up_proj.weight, "csr")
+    assert "only whole" in LeanDecoder(model, max_len=8).fast_path_reason  # a CSR projection
     model = random_llama(seed=6)
     model.model.layers[1].mlp.down_proj = torch.nn.Sequential(model.model.layers[1].mlp.down_proj)
     reason = LeanDecoder(model, max_len=8).fast_path_reason
@@ -230,3 +237,47 @@ def test_greedy_generate_equals_stepping(fmt):
         with pytest.raises(SparselmError, match="steps must be"):
             dec.generate(got[:, -1:], -1)
         assert dec.generate(got[:, -1:], 0).shape == (1, 0) and dec.pos == 14
+
+
+@needs_extension
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bf16_model_through_the_cpp_step(threads):
+    """bf16 weights, embedding and cache: the one-region step reads the weights widened to fp32
+    and keeps fp32 activations, where the transformers forward rounds to bf16 after every op, so
+    the two agree to bf16 precision (and on the greedy tokens here); the Python loop's cache
+    holds the same keys to bf16 rounding."""
+    model = random_llama(seed=10, num_key_value_heads=2, attention_bias=True).to(torch.bfloat16)
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.bias.data.normal_()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(5))
+    fast_dec, fast = decode_logits(model, ids, 6, fast=True, threads=threads)
+    slow_dec, slow = decode_logits(model, ids, 6, fast=False)
+    assert fast_dec.fast_path_reason is None and fast_dec._stack.single_region
+    assert fast.dtype == slow.dtype == fast_dec.k_cache.dtype == torch.bfloat16
+    fast, slow = fast.float(), slow.float()
+    assert (fast - slow).abs().max() < 0.03 * slow.abs().max()
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+    torch.testing.assert_close(fast_dec.k_cache.float(), slow_dec.k_cache.float(), rtol=0.05, atol=0.05)
+    # against the transformers forward over the whole sequence the step fed itself
+    seq = torch.cat([ids, fast[:-1].argmax(-1).view(1, -1)], dim=1)
+    ref = hf_logits(model, seq)[0, ids.shape[1] - 1:].float()
+    assert (fast[:, 0] - ref).abs().max() < 0.03 * ref.abs().max()
+
+
+@needs_extension
+def test_bf16_bitmask_equals_bf16_dense_in_the_cpp_step():
+    """The same pruned bf16 weights, dense and bitmask-packed (LM head included), give the same
+    logits: the bitmask kernel puts each column in the accumulator lane the dense GEMV does."""
+    model = random_llama(seed=11, num_key_value_heads=2)
+    sparsify(model, Magnitude(sparsity=0.7, lm_head=True), progress=False)
+    model = model.to(torch.bfloat16)
+    packed = copy.deepcopy(model)
+    pack(packed, "bitmask", progress=False)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(6))
+    dense_dec, dense = decode_logits(model, ids, 6, fast=True)
+    packed_dec, got = decode_logits(packed, ids, 6, fast=True)
+    assert dense_dec._stack.single_region and packed_dec._stack.single_region
+    assert torch.equal(got, dense)
+    dec = LeanDecoder(packed, max_len=20)
+    tokens = dec.generate(dec.step(ids).argmax(-1, keepdim=True), 6)
+    assert torch.equal(tokens[0], got[1:, 0].argmax(-1))

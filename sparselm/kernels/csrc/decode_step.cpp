@@ -61,15 +61,16 @@ void apply_rotary(at::Tensor& x, int64_t heads, int64_t hd, const float* cos, co
 }
 
 // out [hd] = softmax(q . keys[s] * scale over s < S) weighted sum of vals[s]; keys and vals
-// [S, hd] rows of the cache; scores: scratch of at least S floats.
-void attend_head(const float* q, const float* keys, const float* vals, int64_t S, int64_t hd, float scale,
-                 float* scores, float* out) {
+// [S, hd] rows of the cache (fp32, or bf16 for bf16 models); scores: scratch of at least S floats.
+template <typename C>
+void attend_head(const float* q, const C* keys, const C* vals, int64_t S, int64_t hd, float scale, float* scores,
+                 float* out) {
   float top = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    const float* ks = keys + s * hd;
+    const C* ks = keys + s * hd;
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < hd; ++i) dot += q[i] * ks[i];
+    for (int64_t i = 0; i < hd; ++i) dot += q[i] * to_float(ks[i]);
     scores[s] = dot * scale;
     top = std::max(top, scores[s]);
   }
@@ -94,10 +95,16 @@ void attend_head(const float* q, const float* keys, const float* vals, int64_t S
   const float inv = 1.f / total;
   for (int64_t s2 = 0; s2 < S; ++s2) {
     const float p = scores[s2] * inv;
-    const float* vs = vals + s2 * hd;
+    const C* vs = vals + s2 * hd;
 #pragma omp simd
-    for (int64_t i = 0; i < hd; ++i) out[i] += p * vs[i];
+    for (int64_t i = 0; i < hd; ++i) out[i] += p * to_float(vs[i]);
   }
+}
+
+// dst[i] = src[i] for one head, rounded to the cache's type (to nearest even for bf16).
+inline void store_head(const float* src, float* dst, int64_t hd) { std::copy(src, src + hd, dst); }
+inline void store_head(const float* src, at::BFloat16* dst, int64_t hd) {
+  for (int64_t i = 0; i < hd; ++i) dst[i] = at::BFloat16(src[i]);
 }
 
 // In place: g[i] = silu(g[i]) * u[i] for n values.
@@ -112,24 +119,29 @@ void silu_mul(float* g, const float* u, int64_t n) {
   for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-// y[r] = <W[r], x> for rows [r0, r1) of a dense fp32 W [N, K], four rows per pass so that
-// each load of x serves four rows.
-void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, int64_t r1) {
+// y[r] = <W[r], x> for rows [r0, r1) of a dense W [N, K] (fp32, or bf16 widened to fp32), four
+// rows per pass so that each load of x serves four rows.
+inline __m512 load_masked(const float* p, __mmask16 m, int) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_masked(const at::BFloat16* p, __mmask16, int count) { return load_values(p, count); }
+
+template <typename W_T>
+void gemv_rows(const float* x, const W_T* W, float* y, int64_t K, int64_t r0, int64_t r1) {
   int64_t r = r0;
 #if SPARSELM_AVX512
   for (; r + 4 <= r1; r += 4) {
-    const float* w0 = W + r * K;
-    const float* w1 = w0 + K;
-    const float* w2 = w1 + K;
-    const float* w3 = w2 + K;
+    const W_T* w0 = W + r * K;
+    const W_T* w1 = w0 + K;
+    const W_T* w2 = w1 + K;
+    const W_T* w3 = w2 + K;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 16) {
       const __mmask16 m = tail_mask(K - c);
+      const int count = (int)std::min<int64_t>(16, K - c);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + c);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + c), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + c), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + c), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + c), xv, a3);
+      a0 = _mm512_fmadd_ps(load_masked(w0 + c, m, count), xv, a0);
+      a1 = _mm512_fmadd_ps(load_masked(w1 + c, m, count), xv, a1);
+      a2 = _mm512_fmadd_ps(load_masked(w2 + c, m, count), xv, a2);
+      a3 = _mm512_fmadd_ps(load_masked(w3 + c, m, count), xv, a3);
     }
     y[r] = _mm512_reduce_add_ps(a0);
     y[r + 1] = _mm512_reduce_add_ps(a1);
@@ -138,10 +150,10 @@ void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, 
   }
 #endif
   for (; r < r1; ++r) {
-    const float* w = W + r * K;
+    const W_T* w = W + r * K;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < K; ++c) acc += w[c] * x[c];
+    for (int64_t c = 0; c < K; ++c) acc += to_float(w[c]) * x[c];
     y[r] = acc;
   }
 }
@@ -154,16 +166,25 @@ bool dense_fp32(const Projection& p) {
   return p.kind == 0 && p.tensors[0].scalar_type() == at::kFloat && p.tensors[0].is_contiguous() && fp32_bias(p);
 }
 
+bool dense_bf16(const Projection& p) {
+  return p.kind == 0 && p.tensors[0].scalar_type() == at::kBFloat16 && p.tensors[0].is_contiguous() && fp32_bias(p);
+}
+
 // Projections a batch-1 step can run inside a shared parallel region: dense fp32 (own GEMV)
 // and bitmask-packed (the bitmask kernel's row loop).
 bool batch1_capable(const Projection& p) {
   return dense_fp32(p) || (p.kind == 2 && fp32_bias(p));
 }
 
+// What the single-region step also takes: dense bf16 weights (widened to fp32 as they are read).
+bool region_capable(const Projection& p) { return batch1_capable(p) || dense_bf16(p); }
+
 // y[r] = <W[r], x> (+ bias[r]) for rows [r0, r1) of one batch-1-capable projection.
 void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int64_t r1) {
   if (r0 >= r1) return;
-  if (p.kind == 0)
+  if (p.kind == 0 && p.tensors[0].scalar_type() == at::kBFloat16)
+    gemv_rows(x, p.tensors[0].data_ptr<at::BFloat16>(), y, p.in_features, r0, r1);
+  else if (p.kind == 0)
     gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, r0, r1);
   else
     bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, r0, r1);
@@ -297,10 +318,11 @@ DecodeStack::DecodeStack(int64_t heads, int64_t kv_heads, int64_t head_dim, doub
   TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat && cos_.dim() == 2 &&
                   cos_.size(1) == head_dim && sin_.sizes() == cos_.sizes(),
               "decode stack: cos and sin must be fp32 [max_len, head_dim]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == kv_heads &&
-                  k_cache.size(4) == head_dim && k_cache.size(3) <= cos_.size(0),
-              "decode stack: caches must be contiguous fp32 [L, B, Hkv, max_len, head_dim]");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.size(2) == kv_heads && k_cache.size(4) == head_dim && k_cache.size(3) <= cos_.size(0),
+              "decode stack: caches must be contiguous fp32 or bf16 [L, B, Hkv, max_len, head_dim]");
 }
 
 void DecodeStack::add_block(at::Tensor norm1, double eps1, at::Tensor norm2, double eps2,
@@ -317,6 +339,7 @@ void DecodeStack::add_block(at::Tensor norm1, double eps1, at::Tensor norm2, dou
     Projection& p = *slots[i];
     std::tie(p.kind, p.tensors, p.bias, p.in_features, p.out_features, p.n, p.m) = projections[i];
     TORCH_CHECK(p.kind >= 0 && p.kind <= 3, "decode stack: unknown projection kind ", p.kind);
+    if (p.bias.has_value()) p.bias = p.bias->to(at::kFloat).contiguous();  // bf16 models' biases too
   }
   const int64_t D = block.norm1.numel();
   TORCH_CHECK(block.q.in_features == D && block.q.out_features == heads_ * head_dim_ &&
@@ -333,6 +356,7 @@ void DecodeStack::set_head(at::Tensor norm, double eps, const ProjectionSpec& he
   Projection p;
   std::tie(p.kind, p.tensors, p.bias, p.in_features, p.out_features, p.n, p.m) = head;
   TORCH_CHECK(p.kind >= 0 && p.kind <= 3, "decode stack: unknown projection kind ", p.kind);
+  if (p.bias.has_value()) p.bias = p.bias->to(at::kFloat).contiguous();
   TORCH_CHECK(norm.numel() == p.in_features, "decode stack: the final norm has ", norm.numel(),
               " weights, the head takes ", p.in_features, " features");
   final_norm_ = norm.to(at::kFloat).contiguous();
@@ -346,18 +370,19 @@ at::Tensor DecodeStack::step_logits(at::Tensor x, int64_t pos) const {
 }
 
 void DecodeStack::set_embedding(at::Tensor weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
-              "decode stack: the embedding table must be a contiguous fp32 [vocab, hidden] tensor");
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16) &&
+                  weight.is_contiguous(),
+              "decode stack: the embedding table must be a contiguous fp32 or bf16 [vocab, hidden] tensor");
   TORCH_CHECK(blocks_.empty() || weight.size(1) == blocks_[0].norm1.numel(), "decode stack: embedding width ",
               weight.size(1), " differs from the hidden size ", blocks_[0].norm1.numel());
   embedding_ = weight;
 }
 
 bool DecodeStack::single_region() const {
-  if (k_cache_.size(1) != 1 || !head_.has_value() || !embedding_.defined() || !batch1_capable(*head_)) return false;
+  if (k_cache_.size(1) != 1 || !head_.has_value() || !embedding_.defined() || !region_capable(*head_)) return false;
   for (const DecodeBlock& blk : blocks_)
     for (const Projection* p : {&blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down})
-      if (!batch1_capable(*p)) return false;
+      if (!region_capable(*p)) return false;
   return true;
 }
 
@@ -369,6 +394,12 @@ bool DecodeStack::single_region() const {
 // projection group this removes the forks and the serial stretches between them, where one
 // thread ran the norms, rotations, SwiGLU and residual adds and the others waited.
 at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const {
+  if (k_cache_.scalar_type() == at::kBFloat16) return region_step<at::BFloat16>(id, pos);
+  return region_step<float>(id, pos);
+}
+
+template <typename C>
+at::Tensor DecodeStack::region_step(int64_t id, int64_t pos) const {
   const int64_t D = embedding_.size(1), hd = head_dim_, H = heads_, Hkv = kv_heads_, group = H / Hkv;
   const int64_t S = pos + 1, max_len = k_cache_.size(3), V = head_->out_features;
   TORCH_CHECK(pos >= 0 && pos < max_len, "decode stack: position ", pos, " outside the cache of ", max_len);
@@ -378,16 +409,22 @@ at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const 
     for (const Projection* p : {&blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down})
       work += p->kind == 0 ? p->out_features * p->in_features : p->tensors[2].numel();
   }
-  auto logits = at::empty({1, V}, embedding_.options());
+  auto logits = at::empty({1, V}, embedding_.options().dtype(at::kFloat));
   // Shared scratch: residual stream x [D], q [H, hd], attention output [H, hd], gate and up [F],
   // the o/down products [D] (each thread adds its own rows into x).
-  std::vector<float> x(embedding_.data_ptr<float>() + id * D, embedding_.data_ptr<float>() + (id + 1) * D);
+  std::vector<float> x(D);
+  if (embedding_.scalar_type() == at::kBFloat16) {
+    const at::BFloat16* row = embedding_.data_ptr<at::BFloat16>() + id * D;
+    for (int64_t i = 0; i < D; ++i) x[i] = static_cast<float>(row[i]);
+  } else {
+    std::copy(embedding_.data_ptr<float>() + id * D, embedding_.data_ptr<float>() + (id + 1) * D, x.begin());
+  }
   std::vector<float> q(H * hd), attn(H * hd), gate(F), up(F), proj(D);
   const float* cos = cos_.data_ptr<float>() + pos * hd;
   const float* sin = sin_.data_ptr<float>() + pos * hd;
   const float scale = static_cast<float>(scaling_);
-  float* kc0 = k_cache_.data_ptr<float>();
-  float* vc0 = v_cache_.data_ptr<float>();
+  C* kc0 = k_cache_.data_ptr<C>();
+  C* vc0 = v_cache_.data_ptr<C>();
   float* out = logits.data_ptr<float>();
   const int threads = num_threads_for(work);
   RegionBarrier barrier;
@@ -404,8 +441,8 @@ at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const 
     const auto heads = share(H, t, T, 1);
     for (int64_t l = 0; l < num_blocks(); ++l) {
       const DecodeBlock& blk = blocks_[l];
-      float* kc = kc0 + l * Hkv * max_len * hd;
-      float* vc = vc0 + l * Hkv * max_len * hd;
+      C* kc = kc0 + l * Hkv * max_len * hd;
+      C* vc = vc0 + l * Hkv * max_len * hd;
       rms_norm_row(x.data(), blk.norm1.data_ptr<float>(), h.data(), D, blk.eps1);
       {
         const int64_t q0 = std::min(units.first, H), q1 = std::min(units.second, H);
@@ -417,7 +454,7 @@ at::Tensor DecodeStack::step_token_single_region(int64_t id, int64_t pos) const 
           float* head = kv.data() + g * hd;
           project_rows(is_key ? blk.k : blk.v, h.data(), kv.data(), g * hd, (g + 1) * hd);
           if (is_key) rotate_head(head, hd, cos, sin);
-          std::copy(head, head + hd, (is_key ? kc : vc) + (g * max_len + pos) * hd);
+          store_head(head, (is_key ? kc : vc) + (g * max_len + pos) * hd, hd);
         }
       }
       sync();
@@ -456,7 +493,7 @@ at::Tensor DecodeStack::step_tokens(at::Tensor ids, int64_t pos) const {
   for (int64_t i = 0; i < ids.numel(); ++i)
     TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "decode stack: token id ", p[i], " outside the vocabulary of ", vocab);
   if (single_region()) return step_token_single_region(p[0], pos);
-  return step_logits(at::index_select(embedding_, 0, ids), pos);
+  return step_logits(at::index_select(embedding_, 0, ids).to(at::kFloat), pos);
 }
 
 at::Tensor DecodeStack::generate(at::Tensor ids, int64_t pos, int64_t steps) const {
@@ -474,6 +511,11 @@ at::Tensor DecodeStack::generate(at::Tensor ids, int64_t pos, int64_t steps) con
 
 at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "decode stack: x must be fp32 [batch, hidden]");
+  TORCH_CHECK(k_cache_.scalar_type() == at::kFloat, "decode stack: with a bf16 cache only the single-region step "
+              "runs (batch 1, every projection dense or bitmask-packed, embedding and head set)");
+  for (const DecodeBlock& blk : blocks_)
+    for (const Projection* p : {&blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down})
+      TORCH_CHECK(!dense_bf16(*p), "decode stack: bf16 dense projections run only in the single-region step");
   const int64_t B = x.size(0), S = pos + 1, max_len = k_cache_.size(3), hd = head_dim_;
   TORCH_CHECK(B == k_cache_.size(1), "decode stack: the cache was built for batch ", k_cache_.size(1), ", got ", B);
   TORCH_CHECK(pos >= 0 && pos < max_len, "decode stack: position ", pos, " outside the cache of ", max_len);

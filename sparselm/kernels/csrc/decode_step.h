@@ -14,7 +14,9 @@
 // from ~500 to ~400 us per token and bitmask-packed from ~390 to ~280. Other formats and
 // batch sizes go through the sparse kernels' entry points and `at::linear` (what `nn.Linear`
 // runs). Dense and packed models pay the same per-step cost, so what differs between them is
-// what the weights cost. fp32 activations only.
+// what the weights cost. Activations are fp32; bf16 models (bf16 weights, embedding and KV
+// cache) run through the single-region step, their weights widened to fp32 as they are read
+// and keys and values rounded to bf16 as the cache stores them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,7 +50,7 @@ struct DecodeBlock {
 class DecodeStack {
  public:
   // cos, sin: [max_len, head_dim] fp32 (the model's rotary table); k_cache, v_cache:
-  // [L, B, Hkv, max_len, head_dim] fp32, shared with the caller (prefill writes them).
+  // [L, B, Hkv, max_len, head_dim] fp32 or bf16, shared with the caller (prefill writes them).
   DecodeStack(int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, at::Tensor cos, at::Tensor sin,
               at::Tensor k_cache, at::Tensor v_cache);
   // projections in the order q, k, v, o, gate, up, down.
@@ -69,11 +71,14 @@ class DecodeStack {
   at::Tensor generate(at::Tensor ids, int64_t pos, int64_t steps) const;
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   // Whether step_tokens runs the whole step in one parallel region: batch 1, with every
-  // projection (the head included) dense fp32 or bitmask-packed.
+  // projection (the head included) dense (fp32 or bf16) or bitmask-packed. bf16 models (bf16
+  // embedding, weights and cache) run only this way.
   bool single_region() const;
 
  private:
   at::Tensor step_token_single_region(int64_t id, int64_t pos) const;
+  template <typename C>  // C: the cache's element type (float or at::BFloat16)
+  at::Tensor region_step(int64_t id, int64_t pos) const;
 
   int64_t heads_, kv_heads_, head_dim_;
   double scaling_;
