@@ -3,6 +3,8 @@
 // G = 16-column groups per row.
 #include "kernel_common.h"
 
+#include <type_traits>
+
 namespace sparselm {
 namespace {
 
@@ -127,6 +129,82 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
 #endif
 }
 
+#if SPARSELM_AVX512 && defined(__GNUC__)
+// ---------------------------------------------------------------------------------------
+// Batch 1 with bf16 values, 32 columns per expand: VBMI2's word expand places the packed bf16
+// values of a 32-column half word into the 16-bit lanes of one register; a bf16 value is the
+// top half of its fp32, so the even columns become fp32 by a shift and the odd ones by a mask,
+// both ordinary ALU operations, against x split once into even and odd columns
+// (`split_even_odd`, kernel_common.h). One expand
+// (and one mask-register load) per 32 columns, where the general path above spends one per 16
+// plus a widening shuffle: the expands' port was what bounded it.
+// ---------------------------------------------------------------------------------------
+bool has_vbmi2() {
+  static const bool v = __builtin_cpu_supports("avx512vbmi2");
+  return v;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi2"))) void bitmask_rows_bf16_b1(
+    const float* x, int64_t K, const uint8_t* mask, int64_t row_bytes, const int64_t* offsets,
+    const at::BFloat16* values, float* y, int64_t r0, int64_t r1) {
+  const int64_t words = row_bytes / 8;
+  std::vector<float> xs_buf(words * 64 + 16);
+  float* xs = xs_buf.data();
+  split_even_odd(x, K, 2 * words, xs);
+  const int64_t ahead = kPrefetchBytes / 2;  // in values
+  for (int64_t r = r0; r < r1; r += 2) {
+    const bool pair = r + 1 < r1;
+    const int64_t r_b = pair ? r + 1 : r;
+    const uint64_t* w0 = reinterpret_cast<const uint64_t*>(mask + r * row_bytes);
+    const uint64_t* w1 = reinterpret_cast<const uint64_t*>(mask + r_b * row_bytes);
+    const uint16_t* p0 = reinterpret_cast<const uint16_t*>(values + offsets[r]);
+    const uint16_t* p1 = reinterpret_cast<const uint16_t*>(values + offsets[r_b]);
+    __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
+    for (int64_t w = 0; w < words; ++w) {
+      prefetch_ahead(p0 + ahead);
+      prefetch_ahead(p1 + ahead);
+      if ((w & 7) == 0) prefetch_ahead(w0 + w, 2048);
+      const uint64_t a = w0[w], b = w1[w];
+      const int oa = __builtin_popcountll(a & 0xFFFFFFFFull), ob = __builtin_popcountll(b & 0xFFFFFFFFull);
+      const uint32_t* ma = reinterpret_cast<const uint32_t*>(w0 + w);
+      const uint32_t* mb = reinterpret_cast<const uint32_t*>(w1 + w);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __mmask32 ka, kb;
+        asm("kmovd %1, %0" : "=Yk"(ka) : "m"(ma[h]));  // straight from memory (see expand_values)
+        asm("kmovd %1, %0" : "=Yk"(kb) : "m"(mb[h]));
+        const __m512i va = _mm512_maskz_expandloadu_epi16(ka, p0 + (h ? oa : 0));
+        const __m512i vb = _mm512_maskz_expandloadu_epi16(kb, p1 + (h ? ob : 0));
+        const __m512 xe = _mm512_loadu_ps(xs + 64 * w + 32 * h), xo = _mm512_loadu_ps(xs + 64 * w + 32 * h + 16);
+        e0 = _mm512_fmadd_ps(bf16_even(va), xe, e0);
+        o0 = _mm512_fmadd_ps(bf16_odd(va), xo, o0);
+        e1 = _mm512_fmadd_ps(bf16_even(vb), xe, e1);
+        o1 = _mm512_fmadd_ps(bf16_odd(vb), xo, o1);
+      }
+      p0 += __builtin_popcountll(a);
+      p1 += __builtin_popcountll(b);
+    }
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, o0));
+    if (pair) y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(e1, o1));
+  }
+}
+#define SPARSELM_BF16_WORDS 1
+#else
+#define SPARSELM_BF16_WORDS 0
+#endif
+
+// Rows [r0, r1) at batch 1: the 32-column bf16 kernel where it runs, else bitmask_rows.
+template <typename T>
+void bitmask_rows_b1(const float* x, int64_t K, const uint8_t* mask, int64_t row_bytes, const int64_t* offsets,
+                     const T* values, float* y, int64_t N, int64_t r0, int64_t r1) {
+#if SPARSELM_BF16_WORDS
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (has_vbmi2()) return bitmask_rows_bf16_b1(x, K, mask, row_bytes, offsets, values, y, r0, r1);
+  }
+#endif
+  bitmask_rows<T, 1>(x, K, mask, row_bytes, offsets, values, y, N, K, r0, r1);
+}
+
 // Runs a row-range kernel over every batch tile: tiles of 8 rows of x, then 4, 2, 1 for the rest.
 template <typename RowFn8, typename RowFn4, typename RowFn2, typename RowFn1>
 void for_batch_tiles(int64_t B, int64_t N, int64_t work, RowFn8 f8, RowFn4 f4, RowFn2 f2, RowFn1 f1) {
@@ -160,7 +238,10 @@ at::Tensor bitmask_matmul_t(const at::Tensor& x, const at::Tensor& mask,
   auto tile = [&](auto bt) {
     constexpr int BT = decltype(bt)::value;
     return [&, xp, mp, op, vp, yp](int64_t b, int64_t r0, int64_t r1) {
-      bitmask_rows<T, BT>(xp + b * K, K, mp, row_bytes, op, vp, yp + b * N, N, K, r0, r1);
+      if constexpr (BT == 1)
+        bitmask_rows_b1<T>(xp + b * K, K, mp, row_bytes, op, vp, yp + b * N, N, r0, r1);
+      else
+        bitmask_rows<T, BT>(xp + b * K, K, mp, row_bytes, op, vp, yp + b * N, N, K, r0, r1);
     };
   };
   for_batch_tiles(B, N, values.numel() * B, tile(std::integral_constant<int, 8>{}), tile(std::integral_constant<int, 4>{}),
@@ -189,8 +270,8 @@ void bitmask_to_dense_t(const uint8_t* mp, int64_t row_bytes, const int64_t* op,
 void bitmask_rows_batch1(const float* x, const at::Tensor& mask, const at::Tensor& offsets, const at::Tensor& values,
                          float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
   SPARSELM_DISPATCH_VALUES(values, "bitmask", [&] {
-    bitmask_rows<scalar_t, 1>(x, K, mask.data_ptr<uint8_t>(), mask.size(1), offsets.data_ptr<int64_t>(),
-                              values.data_ptr<scalar_t>(), y, N, K, r0, r1);
+    bitmask_rows_b1<scalar_t>(x, K, mask.data_ptr<uint8_t>(), mask.size(1), offsets.data_ptr<int64_t>(),
+                              values.data_ptr<scalar_t>(), y, N, r0, r1);
     return 0;
   });
 }

@@ -143,6 +143,27 @@ inline __m512 load_x16(const float* p, int64_t col, int64_t K) {
   if (left >= 16) return _mm512_loadu_ps(p + col);
   return _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), p + col);
 }
+
+// x [K] regrouped for bf16 weights read 32 at a time: for each block h of 32 columns, xs[32h ..
+// 32h + 16) holds its 16 even columns and xs[32h + 16 .. 32h + 32) its 16 odd ones (zero past K).
+// A bf16 value is the top half of its fp32, so 32 bf16 weights loaded as 16 32-bit lanes turn
+// into the even columns' fp32 by a left shift and the odd columns' by masking the low half:
+// two ordinary ALU operations instead of widening shuffles.
+inline void split_even_odd(const float* x, int64_t K, int64_t blocks, float* xs) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t h = 0; h < blocks; ++h) {
+    const int64_t c = 32 * h;
+    const __m512 lo = c < K ? load_x16(x, c, K) : _mm512_setzero_ps();
+    const __m512 hi = c + 16 < K ? load_x16(x, c + 16, K) : _mm512_setzero_ps();
+    _mm512_storeu_ps(xs + c, _mm512_permutex2var_ps(lo, even, hi));
+    _mm512_storeu_ps(xs + c + 16, _mm512_permutex2var_ps(lo, odd, hi));
+  }
+}
+inline __m512 bf16_even(__m512i words) { return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)); }
+inline __m512 bf16_odd(__m512i words) {
+  return _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 #endif
 
 // Inputs may be fp32 or bf16 (any strides); they are widened to one contiguous fp32 copy.
