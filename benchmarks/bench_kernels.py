@@ -2,7 +2,7 @@
 
 For each shape (out x in: 4096x4096, 11008x4096, 4096x11008), batch (1, 8, 128) and
 unstructured sparsity (50, 70, 90%), times in the same run:
-- dense baselines: torch `x @ W.T` (fp32, MKL on x86 CPU builds; what nn.Linear runs) and
+- dense baselines: torch `x @ W.T` (fp32 by default, `--dtype bf16`; MKL on x86 CPU builds; what nn.Linear runs) and
   `W @ x.T` (MKL's other orientation), both with the sparse kernels' thread count; the faster
   one is "best torch dense" and the targets are judged against it; at batch 1 also the
   extension's own dense GEMV (same threads, same code style), since PyTorch's fp32 GEMV may
@@ -18,6 +18,7 @@ table, then one JSON line. Runs in about 4-6 minutes on 2 cores.
 
     python benchmarks/bench_kernels.py            # full run (< 10 min on 2 cores)
     python benchmarks/bench_kernels.py --quick    # small shapes, seconds
+    python benchmarks/bench_kernels.py --dtype bf16 --batches 1   # bf16 weights and inputs
 """
 import os
 
@@ -64,24 +65,25 @@ def cold_ms(fn, flush, repeats):
     return 1e3 * min(samples)
 
 
-def sweep(shapes, batches, sparsities, threads, repeats, flush):
+def sweep(shapes, batches, sparsities, threads, repeats, flush, dtype=torch.float32):
     """Time every (shape, sparsity, batch) for dense and each format with `threads` threads."""
     torch.set_num_threads(threads)
     rows = []
     with torch.inference_mode():
         for si, (out_f, in_f) in enumerate(shapes):
             for sparsity in sparsities:
-                w = random_sparse(out_f, in_f, sparsity, seed=si * 10 + int(sparsity * 10))
-                dense_bytes = w.numel() * 4
+                w = random_sparse(out_f, in_f, sparsity, seed=si * 10 + int(sparsity * 10)).to(dtype)
+                dense_bytes = w.numel() * w.element_size()
                 packed = {fmt: SparseLinear.from_dense(w, fmt) for fmt in ("csr", "bitmask")}
                 for batch in batches:
                     # Calls of 100+ ms at prefill sizes vary little: fewer repeats keep the run short.
                     reps = repeats if batch <= 16 else max(2, repeats // 2)
-                    x = torch.randn(batch, in_f)
+                    x = torch.randn(batch, in_f).to(dtype)
                     t_linear = cold_ms(lambda: x @ w.t(), flush, reps)  # what nn.Linear runs
                     t_alt = cold_ms(lambda: w @ x.t(), flush, reps)  # MKL's other orientation
                     t_torch = min(t_linear, t_alt)
-                    t_same = cold_ms(lambda: dense_gemv(x, w), flush, reps) if batch == 1 else None
+                    t_same = cold_ms(lambda: dense_gemv(x, w), flush, reps) \
+                        if batch == 1 and dtype == torch.float32 else None  # the extension's GEMV is fp32
                     for fmt, module in packed.items():
                         t = cold_ms(lambda: module(x), flush, reps)
                         ceiling = dense_bytes / module.packed_nbytes()
@@ -127,7 +129,10 @@ def main():
                              "on shared cores it is the reproducible one)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,128)")
     parser.add_argument("--shapes", default=None, help="comma-separated OUTxIN shapes (default: the three LLM shapes)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights and inputs, dense and packed alike (the targets are stated for fp32)")
     args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     shapes = [(512, 512), (1024, 512)] if args.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
     batches = [1, 8] if args.quick else [1, 8, 128]
     if args.batches:
@@ -143,14 +148,14 @@ def main():
     flush = CacheFlusher(2 * l3)
     rows = []
     for threads, sweep_batches in sweeps:
-        rows += sweep(shapes, sweep_batches, sparsities, threads, args.repeats, flush)
+        rows += sweep(shapes, sweep_batches, sparsities, threads, args.repeats, flush, dtype)
 
     mkl = "MKL" if torch.backends.mkl.is_available() else "default BLAS"
     print()
     print(f"best of {args.repeats} cold-cache calls (batch > 16: best of {max(2, args.repeats // 2)}); load average "
           f"during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"kernels: {extension_status()}; LLC {l3 / 2**20:.0f} MiB (flushed with {2 * l3 / 2**20:.0f} MiB before "
-          f"every call); dense baselines, fp32 with the same thread count as the sparse kernels: torch ({mkl}) "
+          f"every call); dtype {args.dtype}; dense baselines, in that dtype with the same thread count as the sparse kernels: torch ({mkl}) "
           f"`x @ W.T` (what nn.Linear runs) and `W @ x.T` (MKL's other orientation, much faster at batch 8 here), "
           f"the faster of the two is 'best torch dense'; at batch 1 also the extension's dense GEMV")
     print()
@@ -169,7 +174,7 @@ def main():
         print(f"batch 1, {key} sparsity: best format per shape {v['best_per_shape']} vs target {v['target']}x: "
               f"{'met' if v['met'] else 'NOT met'}")
     print(json.dumps({"benchmark": "kernels", "kernels": extension_status(), "threads": thread_counts,
-                      "dense_baseline": f"best of torch fp32 x @ W.T and W @ x.T ({mkl})", "llc_bytes": l3,
+                      "dtype": args.dtype, "dense_baseline": f"best of torch {args.dtype} x @ W.T and W @ x.T ({mkl})", "llc_bytes": l3,
                       "load_average": os.getloadavg()[0], "timing": f"best of {args.repeats}",
                       "targets_batch1": verdicts, "results": rows}))
 
