@@ -13,13 +13,13 @@ Single-token steps of fp32 and bf16 models on CPU go further when the C++ extens
 embedding lookup, the whole stack of blocks, the final norm and the LM head run in one call
 (`DecodeStack`, kernels/csrc/decode_step.cpp), the norms, rotary embedding, cache writes and
 attention as plain loops; at batch 1 the projections of one input (q/k/v, gate/up) share one
-parallel region (dense `nn.Linear` through the stack's own GEMV, bitmask-packed `SparseLinear`
-through the bitmask row kernel), other formats and batch sizes go through the sparse kernels
+parallel region (dense `nn.Linear` through the stack's own GEMV, bitmask- and CSR-packed
+`SparseLinear` through their row kernels), other formats and batch sizes go through the sparse kernels
 and `at::linear` (what `nn.Linear` runs). Dense and packed models take the same path, so the
 per-step cost they share shrinks and what their weights cost is what differs. Prefill, other
 dtypes, other projection modules or a model the stack does not fit run the Python loop;
 `fast_path_reason` says why. bf16 models take the C++ step only whole (batch 1, every projection
-dense or bitmask-packed, the embedding and head included): it reads the bf16 weights widened to
+dense, bitmask- or CSR-packed, the embedding and head included): it reads the bf16 weights widened to
 fp32, keeps activations in fp32 and stores keys and values in the bf16 cache, where the
 transformers forward rounds to bf16 after every operation, so its logits (returned in bf16, like
 the forward's; `generate` takes its argmaxes from the fp32 values) agree with that forward's to
@@ -146,7 +146,7 @@ class LeanDecoder:
         if self.k_cache.dtype == torch.bfloat16 and not (self._stack_full and stack.single_region):
             self._stack_full = False
             return None, "a bf16 model runs the C++ step only whole: batch 1, every projection dense or " \
-                         "bitmask-packed, the embedding and LM head included"
+                         "bitmask- or CSR-packed, the embedding and LM head included"
         return stack, None
 
     def reset(self) -> None:

@@ -141,8 +141,8 @@ def test_cpp_decode_step_equals_the_python_loop(fmt, batch):
     slow_dec, slow = decode_logits(model, ids, 6, fast=False)
     assert fast_dec.fast_path_reason is None and slow_dec.fast_path_reason is not None
     assert fast_dec._stack_full  # embedding, blocks, norm and head: one C++ call per token
-    # batch 1 with dense or bitmask projections only: the whole step in one parallel region
-    assert fast_dec._stack.single_region == (batch == 1 and fmt in ("dense", "bitmask"))
+    # batch 1 with dense, bitmask or CSR projections only: the whole step in one parallel region
+    assert fast_dec._stack.single_region == (batch == 1 and fmt in ("dense", "bitmask", "csr"))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     # and the stack's keys and values are the ones the Python loop caches
     torch.testing.assert_close(fast_dec.k_cache, slow_dec.k_cache, rtol=1e-5, atol=1e-5)
@@ -191,9 +191,10 @@ def test_cpp_decode_step_says_why_it_is_not_used():
     assert "fp32 or bf16" in LeanDecoder(model, max_len=8).fast_path_reason
     model = random_llama(seed=6).to(torch.bfloat16)
     assert "only whole" in LeanDecoder(model, max_len=8, batch_size=2).fast_path_reason  # batch 2
-    sparsify(model, Magnitude(sparsity=0.5), progress=False)
-    model.model.layers[0].mlp.up_proj = SparseLinear.from_dense(model.model.layers[0].mlp.up_proj.weight, "csr")
-    assert "only whole" in LeanDecoder(model, max_len=8).fast_path_reason  # a CSR projection
+    sparsify(model, Magnitude(sparsity=0.5, pattern="2:4"), progress=False)
+    model.model.layers[0].mlp.up_proj = SparseLinear.from_dense(model.model.layers[0].mlp.up_proj.weight, "nm",
+                                                                n=2, m=4)
+    assert "only whole" in LeanDecoder(model, max_len=8).fast_path_reason  # an N:M projection
     model = random_llama(seed=6)
     model.model.layers[1].mlp.down_proj = torch.nn.Sequential(model.model.layers[1].mlp.down_proj)
     reason = LeanDecoder(model, max_len=8).fast_path_reason
@@ -266,15 +267,16 @@ def test_bf16_model_through_the_cpp_step(threads):
 
 @needs_extension
 @pytest.mark.parametrize("threads", [1, 3])
-def test_bf16_bitmask_equals_bf16_dense_in_the_cpp_step(threads):
-    """The same pruned bf16 weights, dense and bitmask-packed (LM head included), give the same
-    logits up to the order of fp32 additions (the 32-column bf16 kernel sums even and odd
-    columns apart) and the same greedy tokens."""
+@pytest.mark.parametrize("fmt", ["bitmask", "csr"])
+def test_bf16_packed_equals_bf16_dense_in_the_cpp_step(fmt, threads):
+    """The same pruned bf16 weights, dense and packed (LM head included), give the same logits
+    up to the order of fp32 additions (the 32-column bf16 bitmask kernel sums even and odd
+    columns apart, CSR gathers) and the same greedy tokens."""
     model = random_llama(seed=11, num_key_value_heads=2)
     sparsify(model, Magnitude(sparsity=0.7, lm_head=True), progress=False)
     model = model.to(torch.bfloat16)
     packed = copy.deepcopy(model)
-    pack(packed, "bitmask", progress=False)
+    pack(packed, fmt, progress=False)
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(6))
     dense_dec, dense = decode_logits(model, ids, 6, fast=True, threads=threads)
     packed_dec, got = decode_logits(packed, ids, 6, fast=True, threads=threads)

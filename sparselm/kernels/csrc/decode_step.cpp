@@ -22,6 +22,8 @@ at::Tensor nm_linear(at::Tensor x, at::Tensor idx, at::Tensor values, c10::optio
                      int64_t m, int64_t in_features);
 void bitmask_rows_batch1(const float* x, const at::Tensor& mask, const at::Tensor& offsets, const at::Tensor& values,
                          float* y, int64_t K, int64_t N, int64_t r0, int64_t r1);
+void csr_rows_batch1(const float* x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                     float* y, int64_t r0, int64_t r1);
 
 namespace {
 
@@ -199,10 +201,10 @@ bool dense_bf16(const Projection& p) {
   return p.kind == 0 && p.tensors[0].scalar_type() == at::kBFloat16 && p.tensors[0].is_contiguous() && fp32_bias(p);
 }
 
-// Projections a batch-1 step can run inside a shared parallel region: dense fp32 (own GEMV)
-// and bitmask-packed (the bitmask kernel's row loop).
+// Projections a batch-1 step can run inside a shared parallel region: dense fp32 (own GEMV),
+// bitmask-packed and CSR-packed (their kernels' row loops).
 bool batch1_capable(const Projection& p) {
-  return dense_fp32(p) || (p.kind == 2 && fp32_bias(p));
+  return dense_fp32(p) || ((p.kind == 2 || p.kind == 1) && fp32_bias(p));
 }
 
 // What the single-region step also takes: dense bf16 weights (widened to fp32 as they are read).
@@ -215,6 +217,8 @@ void project_rows(const Projection& p, const float* x, float* y, int64_t r0, int
     gemv_rows(x, p.tensors[0].data_ptr<at::BFloat16>(), y, p.in_features, r0, r1);
   else if (p.kind == 0)
     gemv_rows(x, p.tensors[0].data_ptr<float>(), y, p.in_features, r0, r1);
+  else if (p.kind == 1)
+    csr_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, r0, r1);
   else
     bitmask_rows_batch1(x, p.tensors[0], p.tensors[1], p.tensors[2], y, p.in_features, p.out_features, r0, r1);
   if (p.bias.has_value()) {
@@ -415,7 +419,7 @@ bool DecodeStack::single_region() const {
   return true;
 }
 
-// Batch 1, every projection dense fp32 or bitmask: the whole step in one parallel region.
+// Batch 1, every projection dense, bitmask or CSR: the whole step in one parallel region.
 // Each thread owns contiguous output rows of every projection; what needs a whole vector
 // (the norms) every thread computes itself, so the threads meet only where a phase reads what
 // other threads wrote: after q/k/v (+ rotary and cache writes), after attention, after each
@@ -541,7 +545,7 @@ at::Tensor DecodeStack::generate(at::Tensor ids, int64_t pos, int64_t steps) con
 at::Tensor DecodeStack::step(at::Tensor x, int64_t pos) const {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "decode stack: x must be fp32 [batch, hidden]");
   TORCH_CHECK(k_cache_.scalar_type() == at::kFloat, "decode stack: with a bf16 cache only the single-region step "
-              "runs (batch 1, every projection dense or bitmask-packed, embedding and head set)");
+              "runs (batch 1, every projection dense, bitmask- or CSR-packed, embedding and head set)");
   for (const DecodeBlock& blk : blocks_)
     for (const Projection* p : {&blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down})
       TORCH_CHECK(!dense_bf16(*p), "decode stack: bf16 dense projections run only in the single-region step");

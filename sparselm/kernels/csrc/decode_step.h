@@ -6,10 +6,10 @@
 // same arithmetic (RMSNorm in fp32, rotary embedding from the model's own cos/sin table,
 // in-place KV cache, softmax attention with grouped KV heads, SwiGLU MLP, residuals) in plain
 // loops, optionally with the embedding lookup, final norm and LM head (`step_tokens`). At
-// batch 1, dense fp32 and bitmask-packed projections of the same input run in one parallel
-// region (dense through a 4-row GEMV, packed through the bitmask row kernel): at::linear's
+// batch 1, dense fp32, bitmask- and CSR-packed projections of the same input run in one parallel
+// region (dense through a 4-row GEMV, packed through the bitmask or CSR row kernel): at::linear's
 // dispatch and a region per product cost as much as a 256-wide product. When every projection
-// (the head included) is one of those two, `step_tokens` runs the whole token in a single
+// (the head included) is one of those, `step_tokens` runs the whole token in a single
 // parallel region (see `single_region`): on the small built-in model that took dense decode
 // from ~500 to ~400 us per token and bitmask-packed from ~390 to ~280. Other formats and
 // batch sizes go through the sparse kernels' entry points and `at::linear` (what `nn.Linear`
@@ -71,7 +71,7 @@ class DecodeStack {
   at::Tensor generate(at::Tensor ids, int64_t pos, int64_t steps) const;
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   // Whether step_tokens runs the whole step in one parallel region: batch 1, with every
-  // projection (the head included) dense (fp32 or bf16) or bitmask-packed. bf16 models (bf16
+  // projection (the head included) dense (fp32 or bf16), bitmask- or CSR-packed. bf16 models (bf16
   // embedding, weights and cache) run only this way.
   bool single_region() const;
 

@@ -101,6 +101,26 @@ inline __m256i load_cols8(const int16_t* c, __mmask8 k) {
 
 // CSR: crow int64 [N + 1], col int16 (in_features <= 32768) or int32 [nnz], values [nnz].
 // int16 columns cut the bytes per stored weight from 8 to 6 (fp32) or 6 to 4 (bf16).
+// y[r] for rows [r0, r1) of one input row x (batch 1).
+template <typename T, typename I>
+void csr_rows_b1(const float* xp, const int64_t* rp, const I* cp, const T* vp, float* yp, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t s0 = rp[r], count = rp[r + 1] - s0;
+#if SPARSELM_AVX512
+    const I* c = cp + s0;
+    auto cols8 = [c](int64_t j, __mmask8 k) {
+      prefetch_ahead(c + j, kPrefetchBytes);
+      return load_cols8(c + j, k);
+    };
+    yp[r] = gather_dot(xp, vp + s0, cols8, count);
+#else
+    float acc = 0.f;
+    for (int64_t j = 0; j < count; ++j) acc += to_float(vp[s0 + j]) * xp[cp[s0 + j]];
+    yp[r] = acc;
+#endif
+  }
+}
+
 template <typename T, typename I>
 at::Tensor csr_matmul_t(const at::Tensor& x, const at::Tensor& crow,
                            const at::Tensor& col, const at::Tensor& values, int64_t N) {
@@ -113,21 +133,10 @@ at::Tensor csr_matmul_t(const at::Tensor& x, const at::Tensor& crow,
     auto y = at::empty({1, N}, x.options());
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < N; ++r) {
-      const int64_t s0 = rp[r], count = rp[r + 1] - s0;
-#if SPARSELM_AVX512
-      const I* c = cp + s0;
-      auto cols8 = [c](int64_t j, __mmask8 k) {
-        prefetch_ahead(c + j, kPrefetchBytes);
-        return load_cols8(c + j, k);
-      };
-      yp[r] = gather_dot(xp, vp + s0, cols8, count);
-#else
-      float acc = 0.f;
-      for (int64_t j = 0; j < count; ++j) acc += to_float(vp[s0 + j]) * xp[cp[s0 + j]];
-      yp[r] = acc;
-#endif
+#pragma omp parallel num_threads(nt)
+    {
+      const int id = omp_get_thread_num(), team = omp_get_num_threads();
+      csr_rows_b1(xp, rp, cp, vp, yp, N * id / team, N * (id + 1) / team);
     }
     return y;
   }
@@ -228,6 +237,19 @@ at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int6
     return 0;
   });
   return dense;
+}
+
+// Rows [r0, r1) of y = W x for one fp32 input row x [K] (batch 1), inside a caller's parallel
+// region (the decode step's one-region path), tensors as csr_linear checks them.
+void csr_rows_batch1(const float* x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                     float* y, int64_t r0, int64_t r1) {
+  SPARSELM_DISPATCH_VALUES(values, "csr", [&] {
+    if (col.scalar_type() == at::kShort)
+      csr_rows_b1(x, crow.data_ptr<int64_t>(), col.data_ptr<int16_t>(), values.data_ptr<scalar_t>(), y, r0, r1);
+    else
+      csr_rows_b1(x, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), y, r0, r1);
+    return 0;
+  });
 }
 
 at::Tensor csr_linear(at::Tensor x, at::Tensor crow, at::Tensor col, at::Tensor values,
