@@ -129,7 +129,7 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
 #endif
 }
 
-#if SPARSELM_AVX512 && defined(__GNUC__)
+#if SPARSELM_AVX512 && defined(__GNUC__) && !defined(__clang__)  // the asm mask loads are spelled for GCC
 // ---------------------------------------------------------------------------------------
 // Batch 1 with bf16 values, 32 columns per expand: VBMI2's word expand places the packed bf16
 // values of a 32-column half word into the 16-bit lanes of one register; a bf16 value is the
