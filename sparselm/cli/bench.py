@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
         if (summary["omp_wait_policy"] or "").lower() == "passive" and torch.get_num_threads() > 1:
             print("OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=passive, robust on "
                   "shared cores), so multi-threaded decoding pays a wake-up per parallel region at small batch "
-                  "(per layer; per token in the lean runtime's one-region step for dense and bitmask layers); "
+                  "(per layer; per token in the lean runtime's one-region step for dense, bitmask and CSR layers); "
                   "on a dedicated machine also run with OMP_WAIT_POLICY=active, or --threads 1, before comparing.")
     return 0

@@ -82,9 +82,7 @@ def _padded_groups(src_A: torch.Tensor, inverse: torch.Tensor, counts: list[int]
     padded = [matmul_rows(n) for n in counts]
     if padded == counts:
         return src_A, inverse, None, counts
-    moved_A, pad_rows = padded_layout(counts, padded, src_A.device)
-    src_P = src_A.new_zeros(sum(padded))
-    src_P[moved_A] = src_A
+    src_P, moved_A, pad_rows = padded_layout(counts, padded, src_A)
     return src_P, moved_A[inverse], pad_rows, padded
 
 
@@ -140,8 +138,7 @@ def dispatch_inference(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLU
     num_tokens, dim = x_TD.shape
     if len(groups.token_index) == 0:
         return x_TD.new_zeros(num_tokens, dim)
-    c_loop_first = _GROUPED_MM_PREFERS_C_LOOP and _c_loop(x_TD, experts) is not None
-    if (len(groups.token_index) <= _GROUPED_MM_MAX_ROWS and not c_loop_first
+    if (len(groups.token_index) <= _GROUPED_MM_MAX_ROWS and _c_loop(x_TD, experts) is None
             and _grouped_mm_works(x_TD.device.type, x_TD.dtype) and experts.grouped_mm_aligned(x_TD.dtype)):
         y_AD = _expert_rows_grouped_mm(x_TD, groups, experts)
     else:
@@ -154,15 +151,14 @@ def dispatch_inference(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLU
     return x_TD.new_zeros(num_tokens, dim).index_add_(0, groups.token_index, y_AD)
 
 
-# At most this many rows go through torch._grouped_mm. Measured on 2 CPU threads (the
-# small Llama's experts, D 256, F 88): ~2.5x faster than the Python per-expert loop at 16
-# rows (two calls instead of ~50 small ops: decoding), ~1.1x at 2048; from 4096 rows on no
-# faster, and up to 2x slower when its fresh [A, 2F] and [A, D] outputs page-fault.
+# Where the C++ loop runs (CPU, fp32/bf16) it is used at any size: in a one-off measurement with
+# new routing every call (the small Llama's experts, 2 threads, 1-1024 tokens) as fast as
+# torch._grouped_mm in fp32 and 1.05-2.4x faster in bf16, whose grouped_mm pays oneDNN's set-up for every new group size. Elsewhere at
+# most this many rows go through torch._grouped_mm: measured on 2 CPU threads (the small
+# Llama's experts, D 256, F 88) ~2.5x faster than the Python per-expert loop at 16 rows (two
+# calls instead of ~50 small ops: decoding), ~1.1x at 2048; from 4096 rows on no faster, and up
+# to 2x slower when its fresh [A, 2F] and [A, D] outputs page-fault.
 _GROUPED_MM_MAX_ROWS = 2048
-# Where the C++ loop runs (CPU, fp32/bf16) it is used instead at any size: measured with new
-# routing every call (same experts, 2 threads) as fast in fp32 and 1.05-2.4x faster in bf16,
-# whose grouped_mm pays oneDNN's set-up for every new group size.
-_GROUPED_MM_PREFERS_C_LOOP = True
 
 
 def _c_loop(x_TD: torch.Tensor, experts: SwiGLUExperts):

@@ -30,7 +30,8 @@ def matmul_rows(n: int) -> int:
     multiple of 32, and of 1/32 of the power of two below n from 2048 on (at most ~6% more
     rows, about 1.5% on average for groups of ~1000).
 
-    Why, measured on one core of this project's machines (AMX, oneDNN through PyTorch):
+    Why, one-off measurements on one core of this project's machines (AMX, oneDNN through
+    PyTorch; benchmarks/bench_moe_dispatch.py tracks the effect on the whole layer):
     - oneDNN builds (JIT-compiles) a kernel for every new matmul shape on its first use, and an
       expert's row count changes with every batch: a [~1000, 512] x [512, 2816] product took
       11-14 ms the first time and 3.5 ms after. With new routing every step the MoE training
@@ -55,17 +56,21 @@ def pads_expert_rows(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def padded_layout(counts: list[int], padded: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows grouped by expert (counts[e] rows for expert e), each group then padded to
-    padded[e] rows: the new row of each of the sum(counts) rows [A], and the pad rows."""
-    rows = sum(counts)
+def padded_layout(counts: list[int], padded: list[int], src_A: torch.Tensor):
+    """Rows grouped by expert (counts[e] rows for expert e, src_A [A] the source row of each),
+    each group then padded to padded[e] rows. Returns (src_P [P]: the source row of each padded
+    row, 0 for pad rows, which the caller zeroes; moved_A [A]: the padded row of each grouped
+    row; pad_rows: the pad rows)."""
+    device, rows = src_A.device, src_A.numel()
     count_E, padded_E = torch.tensor(counts, device=device), torch.tensor(padded, device=device)
     extra_E = padded_E.cumsum(0) - count_E.cumsum(0)
     extra_E = torch.cat([extra_E.new_zeros(1), extra_E[:-1]])  # pad rows before each group
     moved_A = torch.arange(rows, device=device) + extra_E.repeat_interleave(count_E, output_size=rows)
+    src_P = src_A.new_zeros(sum(padded))
+    src_P[moved_A] = src_A
     is_pad = torch.ones(sum(padded), dtype=torch.bool, device=device)
     is_pad[moved_A] = False
-    return moved_A, is_pad.nonzero().squeeze(1)
+    return src_P, moved_A, is_pad.nonzero().squeeze(1)
 
 
 class SwiGLUExperts(nn.Module):
@@ -117,9 +122,7 @@ class SwiGLUExperts(nn.Module):
     def _forward_padded(self, x_AD: torch.Tensor, counts: list[int], padded: list[int],
                         use_grouped_mm: bool) -> torch.Tensor:
         """forward_grouped with each group run on `padded[e]` rows (zero rows appended)."""
-        moved_A, pad_rows = padded_layout(counts, padded, x_AD.device)
-        src_P = torch.zeros(sum(padded), dtype=torch.long, device=x_AD.device)  # pad rows read row 0, then 0
-        src_P[moved_A] = torch.arange(x_AD.shape[0], device=x_AD.device)
+        src_P, moved_A, pad_rows = padded_layout(counts, padded, torch.arange(x_AD.shape[0], device=x_AD.device))
         x_PD = x_AD.index_select(0, src_P).index_fill(0, pad_rows, 0)
         if use_grouped_mm and self.grouped_mm_aligned(x_AD.dtype):
             y_PD = self._forward_grouped_mm(x_PD, padded)

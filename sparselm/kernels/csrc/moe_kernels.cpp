@@ -279,6 +279,31 @@ std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor 
   return {grad_src, grad_w};
 }
 
+// Runs task(i, slot) for every i in `order` (largest task first, as the caller sorted them) on
+// up to `threads` threads, one task per thread at a time; slot = the running thread's index, for
+// per-thread buffers. The caller's thread-local state (grad / inference mode, dispatch keys)
+// goes with the tasks, and the first exception a task throws is rethrown here.
+template <typename Task>
+void run_whole_tasks(const std::vector<int64_t>& order, int64_t threads, Task task) {
+  const at::ThreadLocalState caller_state;
+  std::exception_ptr error = nullptr;
+#pragma omp parallel num_threads((int)std::max<int64_t>(1, std::min<int64_t>(threads, (int64_t)order.size())))
+  {
+    const int64_t slot = omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+    for (size_t j = 0; j < order.size(); ++j) {
+      try {
+        at::ThreadLocalStateGuard state_guard(caller_state);
+        task(order[j], slot);
+      } catch (...) {
+#pragma omp critical
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // The no-grad expert loop of `dispatch_inference` (sparselm/moe/dispatch.py) in one call:
 // for each expert e with counts[e] > 0 rows, starting at row a of the grouped order,
 //   x_buf[:n]  = x[token_index[a:a+n]]                       (gather)
@@ -288,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor 
 // Each expert's matmuls run on run_rows[e] >= counts[e] rows (zero rows appended to the
 // gather, their outputs dropped): the caller rounds the row counts so that matmul shapes
 // repeat from call to call, because oneDNN's bf16 matmuls pay a one-off set-up per new shape
-// (about as much as the product itself at these sizes; see `matmul_rows` in dispatch.py).
+// (about as much as the product itself at these sizes; see `matmul_rows` in experts.py).
 // Same ops as the Python loop it replaces, without ~10 Python-level calls per expert. When
 // there are enough rows, the threads take whole experts (largest first), each running its
 // matmuls on one thread: an expert's matmuls are small ([2F, D] x [D, n]) and split across
@@ -362,22 +387,8 @@ void moe_expert_rows(at::Tensor x, at::Tensor token_index, std::vector<int64_t> 
   std::vector<int64_t> order;
   for (int64_t e = 0; e < E; ++e)
     if (counts[e]) order.push_back(e);
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
-  std::exception_ptr error = nullptr;
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t slot = omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < order.size(); ++i) {
-      try {
-        run_expert(order[i], slot);
-      } catch (...) {
-#pragma omp critical
-        if (!error) error = std::current_exception();
-      }
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return run_rows[a] > run_rows[b]; });
+  run_whole_tasks(order, threads, run_expert);
 }
 
 // out[i] = a[i] @ b[i] for every i (2-D tensors; views such as transposes and row slices
@@ -404,21 +415,7 @@ void mm_many(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<a
     return;
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return work[x] > work[y]; });
-  std::exception_ptr error = nullptr;
-  // The caller's grad / inference mode and dispatch state are thread-local: the workers take them on.
-  const at::ThreadLocalState caller_state;
-#pragma omp parallel for schedule(dynamic, 1) num_threads((int)std::min<int64_t>(threads, (int64_t)order.size()))
-  for (size_t j = 0; j < order.size(); ++j) {
-    try {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      const int64_t i = order[j];
-      at::mm_out(out[i], a[i], b[i]);
-    } catch (...) {
-#pragma omp critical
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  run_whole_tasks(order, threads, [&](int64_t i, int64_t) { at::mm_out(out[i], a[i], b[i]); });
 }
 
 // Top-k routing of T tokens over E experts (few: the loop is O(E K) per token), grouped by
