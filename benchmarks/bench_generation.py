@@ -43,6 +43,26 @@ import time
 import torch
 
 
+def paired_ratio(results: list[dict], best: dict) -> dict:
+    """The best packed run against dense round by round (the variants run interleaved): dense
+    at the best packed run's runtime, threads (and policy), the median of the per-round decode
+    speed ratios and its 95% interval (`ratio_interval`)."""
+    from sparselm.bench.timing import median_ratio, ratio_interval
+
+    keys = ("runtime", "threads", "policy")
+    dense = next(r for r in results if r["variant"] == "dense" and all(r.get(k) == best.get(k) for k in keys))
+    rounds = {"dense": dense["decode_s_rounds"], "packed": best["decode_s_rounds"]}
+    low, high, coverage = ratio_interval(rounds, "dense", "packed")
+    return {"median": median_ratio(rounds, "dense", "packed"), "low": low, "high": high, "coverage": coverage,
+            "rounds": len(rounds["packed"]), "variant": best["variant"],
+            "where": ", ".join(str(best[k]) for k in keys if k in best)}
+
+
+def print_paired(paired: dict) -> None:
+    print(f"round by round, {paired['variant']} vs dense ({paired['where']}): median {paired['median']:.3f}x over "
+          f"{paired['rounds']} rounds, {paired['coverage']:.0%} interval {paired['low']:.3f}-{paired['high']:.3f}x")
+
+
 def run_policies(argv: list[str], policies: list[str]) -> None:
     """Run this benchmark once per OpenMP wait policy, each in its own process started with
     OMP_WAIT_POLICY set (OpenMP reads it once, at start-up), print their tables, and judge the
@@ -60,6 +80,7 @@ def run_policies(argv: list[str], policies: list[str]) -> None:
     results = [dict(r, policy=p) for p, run in runs.items() for r in run["results"]]
     dense = max((r for r in results if r["variant"] == "dense"), key=lambda r: r["decode_tokens_per_s"])
     best = max((r for r in results if r["variant"] != "dense"), key=lambda r: r["decode_tokens_per_s"])
+    paired = paired_ratio(results, best)
     speedup = best["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
 
     def where(r):
@@ -70,13 +91,14 @@ def run_policies(argv: list[str], policies: list[str]) -> None:
           f"(target >= 1.5x: {'met' if speedup >= 1.5 else 'NOT met'})")
     for policy, run in runs.items():
         print(f"  {policy} alone: {run['decode_speedup_best']:.2f}x")
+    print_paired(paired)
     first = next(iter(runs.values()))
     print(f"resident weight memory: {first['weight_memory_ratio']:.2f}x dense for the whole model (target <= 0.5x: "
           f"{'met' if first['weight_memory_ratio'] <= 0.5 else 'NOT met'}); "
           f"{first['linear_weight_memory_ratio']:.2f}x for the linear layers")
     print(json.dumps({"benchmark": "generation", "policies": list(runs), "decode_speedup_best": speedup,
                       "best_variant": best["variant"], "best_variant_where": where(best),
-                      "best_dense_where": where(dense), "per_policy_speedup": {
+                      "best_dense_where": where(dense), "paired_decode_ratio": paired, "per_policy_speedup": {
                           p: run["decode_speedup_best"] for p, run in runs.items()},
                       "weight_memory_ratio": first["weight_memory_ratio"],
                       "linear_weight_memory_ratio": first["linear_weight_memory_ratio"],
@@ -211,6 +233,7 @@ def main():
                                 "speedup": b["decode_tokens_per_s"] / d["decode_tokens_per_s"]}
     dense = max((r for r in results if r["variant"] == "dense"), key=lambda r: r["decode_tokens_per_s"])
     best = max((r for r in results if r["variant"] != "dense"), key=lambda r: r["decode_tokens_per_s"])
+    paired = paired_ratio(results, best)
     smallest = min(results, key=lambda r: r["weight_bytes"])
     speedup = best["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
     memory = smallest["weight_bytes"] / dense["weight_bytes"]
@@ -231,6 +254,7 @@ def main():
     print(f"decode, fastest packed run of either runtime vs fastest dense run of either runtime: "
           f"{best['variant']} ({best['runtime']}, {best['threads']} thread(s)) {speedup:.2f}x dense "
           f"({dense['runtime']}, {dense['threads']} thread(s)) (target >= 1.5x: {'met' if speedup >= 1.5 else 'NOT met'})")
+    print_paired(paired)
     print(f"resident weight memory: {smallest['variant']} {memory:.2f}x dense for the whole model (target <= 0.5x: "
           f"{'met' if memory <= 0.5 else 'NOT met'}); {linear_memory:.2f}x for the linear layers "
           f"({'the LM head pruned and packed too' if args.lm_head else 'the LM head stays dense'})")
@@ -242,6 +266,7 @@ def main():
                       "decode_speedup_best": speedup, "best_variant": best["variant"],
                       "best_variant_threads": best["threads"], "best_dense_threads": dense["threads"],
                       "best_variant_runtime": best["runtime"], "best_dense_runtime": dense["runtime"],
+                      "paired_decode_ratio": paired,
                       "weight_memory_ratio": memory, "linear_weight_memory_ratio": linear_memory,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                       "load_average": os.getloadavg()[0], **summary}))

@@ -24,7 +24,7 @@ import time
 import torch
 
 from sparselm.bench.generation import measure_generation
-from sparselm.bench.timing import alternating_rounds, median_ratio
+from sparselm.bench.timing import alternating_rounds, median_ratio, ratio_interval
 from sparselm.data import calibration, corpus_token_ids, load_corpus
 from sparselm.evaluate import perplexity
 from sparselm.structured import heal, shrink
@@ -53,15 +53,15 @@ def mlp_times(models: dict, tokens: int = 2048, rounds: int = 25) -> dict[str, f
 
 def decode_ratio(base, variant, batch: int = 1, runtime: str = "transformers", rounds: int = 15):
     """Decode tokens/s of base and variant measured in alternating rounds: (base tok/s, variant
-    tok/s, median of the per-round ratios variant / base). Measured minutes apart instead, the
-    machine's drift decides the ratio."""
+    tok/s, median of the per-round ratios variant / base, its 95% interval (low, high, coverage)).
+    Measured minutes apart instead, the machine's drift decides the ratio."""
     def speed(model):
         return lambda: measure_generation(model, prompt_len=32, new_tokens=64, batch_size=batch, repeats=2,
                                           runtime=runtime).decode_tokens_per_s
 
     speeds = alternating_rounds({"base": speed(base), "variant": speed(variant)}, rounds)
     return (statistics.median(speeds["base"]), statistics.median(speeds["variant"]),
-            median_ratio(speeds, "variant", "base"))
+            median_ratio(speeds, "variant", "base"), ratio_interval(speeds, "variant", "base"))
 
 
 def torch_pruning_width(model, ratio: float, example: torch.Tensor):
@@ -89,7 +89,12 @@ def main() -> None:
     parser.add_argument("--heal", type=int, default=40, help="distillation steps (default 40)")
     parser.add_argument("--windows", type=int, default=24, help="test windows for perplexity (default 24)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (a smoke run)")
+    parser.add_argument("--decode-rounds", type=int, default=15,
+                        help="alternating dense/pruned rounds per decode ratio (default 15; more rounds "
+                             "narrow the ratio's confidence interval)")
     args = parser.parse_args()
+    if args.decode_rounds < 1:
+        parser.error(f"--decode-rounds must be >= 1, got {args.decode_rounds}")
     torch.manual_seed(0)
     name = "tiny" if args.quick else "small"
     model, tok = load_builtin(name, progress=False)
@@ -107,11 +112,13 @@ def main() -> None:
     pruned = copy.deepcopy(model)
     report = shrink(pruned, calib, neurons=0.5, score="activation", progress=False)
     neurons = {"ppl": ppl(pruned), "params": report.params_after}
-    ratios = {}
+    ratios, intervals = {}, {}
     for key, batch, runtime in (("decode_b1", 1, "transformers"), ("decode_b16", 16, "transformers"),
                                 ("decode_b1_lean", 1, "lean")):
-        dense[key], neurons[key], ratios[key] = decode_ratio(model, pruned, batch, runtime)
+        dense[key], neurons[key], ratios[key], intervals[key] = decode_ratio(model, pruned, batch, runtime,
+                                                                            args.decode_rounds)
     lean_ratio = ratios["decode_b1_lean"]
+    lean_low, lean_high, lean_cover = intervals["decode_b1_lean"]
     taylor = copy.deepcopy(model)
     shrink(taylor, calib, neurons=0.5, score="taylor", progress=False)
     neurons["ppl_taylor"] = ppl(taylor)
@@ -173,7 +180,9 @@ def main() -> None:
               f"{tp_result['ppl_healed']:.2f} | {tp_result['mlp_s'] / dense['mlp_s']:.2f}x | - | - |")
     print(f"\nBatch-1 decode through the lean loop (dense and pruned alternating): dense "
           f"{dense['decode_b1_lean']:.1f} tok/s, 50% neurons {neurons['decode_b1_lean']:.1f} tok/s, "
-          f"{lean_ratio:.2f}x (median of per-round ratios; target 1.3x: {'met' if lean_ratio >= 1.3 else 'NOT met'})")
+          f"{lean_ratio:.3f}x (median of {args.decode_rounds} per-round ratios, {lean_cover:.0%} interval "
+          f"{lean_low:.3f}-{lean_high:.3f}x; target 1.3x: {'met' if lean_ratio >= 1.3 else 'NOT met'}"
+          f"{', the whole interval above it' if lean_low >= 1.3 else ''})")
     print(f"\nHealing: {args.heal} distillation steps (batch 8 x {seq_len}) against the dense model's logits.\n")
     print("| two layers removed | layers | ppl |")
     print("| --- | --- | ---: |")
@@ -184,7 +193,9 @@ def main() -> None:
     print(f"| last two | {list(range(n_layers - count, n_layers))} | {layers['ppl_last2']:.2f} |")
     print(f"\nblock influence per layer: {layers['influence']}; total time {time.time() - started:.0f} s\n")
     print(json.dumps({"bench": "structured", "model": name, "dense": dense, "neurons_50": neurons, "layers_2": layers,
-                      "torch_pruning_50": tp_result,
+                      "torch_pruning_50": tp_result, "decode_rounds": args.decode_rounds,
+                      "ratio_intervals": {k: {"low": lo, "high": hi, "coverage": c}
+                                          for k, (lo, hi, c) in intervals.items()},
                       "ratios": {"mlp_time": neurons["mlp_s"] / dense["mlp_s"],
                                  **ratios,
                                  "ppl_bi_vs_random": layers["ppl_bi"] / layers["ppl_random_mean"],

@@ -46,6 +46,7 @@ class GenerationResult:
     gpu_peak_allocated_mb: float | None
     energy_j_per_token: float | None
     pack_choices: dict = field(default_factory=dict)
+    decode_s_rounds: list = field(default_factory=list)  # seconds of each timed decode, in round order
 
 
 def resident_weight_bytes(model: nn.Module) -> int:
@@ -235,6 +236,7 @@ class _GenerationRun:
             gpu_peak_allocated_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None,
             energy_j_per_token=energy,
             pack_choices=pack_choices or {},
+            decode_s_rounds=list(self.decode_s),
         )
 
 

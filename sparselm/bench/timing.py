@@ -87,3 +87,33 @@ def median_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of samples[num][r] / samples[den][r]. Robust to the machine's speed
     drifting during a run, which the ratio of two medians is not."""
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Distribution-free confidence interval for the median of `values`: (low, high, coverage).
+
+    The interval between the j-th smallest and the j-th largest value holds the true median
+    with probability 1 - 2 P(Binomial(n, 1/2) < j), whatever the distribution, for independent
+    samples; j is the largest index whose coverage is still >= `confidence`. With too few
+    values for that (n < 6 at 95%) it is the full range and `coverage` says what it holds.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+    def coverage(j: int) -> float:  # P(x_(j) <= median <= x_(n+1-j))
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0**n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= confidence:
+        j += 1
+    return xs[j - 1], xs[n - j], coverage(j)
+
+
+def ratio_interval(samples: dict[str, list[float]], num: str, den: str,
+                   confidence: float = 0.95) -> tuple[float, float, float]:
+    """`median_interval` of the per-round ratios samples[num][r] / samples[den][r]."""
+    return median_interval([a / b for a, b in zip(samples[num], samples[den])], confidence)

@@ -68,6 +68,20 @@ def test_alternating_rounds_flip_the_order_and_pair_the_samples():
     assert median_ratio({"a": [1.0, 10.0, 10.0], "b": [1.0, 1.0, 10.0]}, "a", "b") == 1.0
 
 
+def test_median_interval_uses_the_binomial_order_statistics():
+    from sparselm.bench.timing import median_interval, ratio_interval
+
+    # n = 15: the 4th smallest and 4th largest (coverage 1 - 2 P(Bin(15, .5) <= 3) = 0.9648)
+    low, high, cover = median_interval([float(v) for v in range(15, 0, -1)])
+    assert (low, high) == (4.0, 12.0) and abs(cover - 0.96484375) < 1e-9
+    low, high, cover = median_interval([float(v) for v in range(1, 21)])  # n = 20: ranks 6 and 15
+    assert (low, high) == (6.0, 15.0) and 0.958 < cover < 0.959
+    low, high, cover = median_interval([3.0, 1.0, 2.0])  # too few: the full range, coverage 0.75
+    assert (low, high, cover) == (1.0, 3.0, 0.75)
+    samples = {"a": [2.0 * v for v in range(1, 16)], "b": [1.0] * 15}
+    assert ratio_interval(samples, "a", "b")[:2] == (8.0, 24.0)
+
+
 def test_cache_sizes_come_from_sysfs_or_the_default(monkeypatch):
     from sparselm.bench import timing
 

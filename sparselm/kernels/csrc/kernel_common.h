@@ -31,6 +31,14 @@
 #else
 #define SPARSELM_AVX512 0
 #endif
+// AVX2 + FMA without AVX-512 (AMD Zen 2/3, most Intel client CPUs): 8-lane versions of the
+// hand-written kernels. AVX-512 builds take their own paths and never these.
+#if !SPARSELM_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPARSELM_AVX2 1
+#else
+#define SPARSELM_AVX2 0
+#endif
 
 namespace sparselm {
 
@@ -163,6 +171,89 @@ inline void split_even_odd(const float* x, int64_t K, int64_t blocks, float* xs)
 inline __m512 bf16_even(__m512i words) { return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)); }
 inline __m512 bf16_odd(__m512i words) {
   return _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#endif
+
+#if SPARSELM_AVX2
+// ---------------------------------------------------------------------------------------
+// AVX2: 8 fp32 lanes, no mask registers. Partial vectors use vmaskmov (masked-off lanes are
+// neither read nor written, so a tail never touches memory past its last element) with a lane
+// mask taken from a sliding window over a constant table.
+// ---------------------------------------------------------------------------------------
+alignas(32) inline constexpr int32_t kLanePrefix[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+// Lanes [0, count) all ones, the rest zero (0 <= count <= 8).
+inline __m256i prefix_mask8(int64_t count) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanePrefix + 8 - count));
+}
+// `count` (<= 8) consecutive values widened to fp32 in the low lanes, zero above.
+inline __m256 load8(const float* p, int64_t count) {
+  return count >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, prefix_mask8(count));
+}
+inline __m256 widen_bf16(__m128i raw) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const at::BFloat16* p, int64_t count) {
+  if (count >= 8) return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(tmp, p, count * sizeof(uint16_t));
+  return widen_bf16(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+// Stores the low `count` (<= 8) lanes; bf16 rounds to nearest even, NaN stays a (quiet) NaN.
+inline void store8(float* p, __m256 v, int64_t count) {
+  if (count >= 8) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, prefix_mask8(count), v);
+}
+inline __m128i round_to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+  // 8 x 32-bit (each < 2^16) -> 8 x 16-bit, in order.
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+inline void store8(at::BFloat16* p, __m256 v, int64_t count) {
+  const __m128i packed = round_to_bf16(v);
+  if (count >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), packed);
+    std::memcpy(p, tmp, count * sizeof(uint16_t));
+  }
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// exp on 8 lanes, as exp16 (AVX-512): x = n ln2 + r, e^r by its degree-6 Taylor polynomial, times
+// 2^n built in the exponent bits, in two factors so that n = 128 (e^88.7 is still finite)
+// and n = -126 stay representable. Below -87 it returns ~1e-38 rather than 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.7f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 #endif
 
