@@ -117,5 +117,5 @@ def extension_status() -> str:
     module = load_extension()
     if module is None:
         return f"pure-PyTorch fallback ({_state['reason']})"
-    isa = "AVX-512" if module.compiled_with_avx512() else "portable C++"
+    isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(module.compiled_simd(), "portable C++")
     return f"C++/OpenMP extension ({isa})"

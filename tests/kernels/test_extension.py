@@ -11,6 +11,8 @@ def test_builds_for_this_cpu(sparse_kernels):
     if sparse_kernels is None:
         pytest.skip("no C++ toolchain here; the fallback is covered by the other tests")
     assert sparse_kernels.compiled_with_avx512() == (extension.cpu_instruction_set() == "avx512")
+    isa = extension.cpu_instruction_set()
+    assert sparse_kernels.compiled_simd() == isa  # avx512, avx2 (8-lane paths) or portable
     assert "extension" in extension.extension_status()
 
 
