@@ -68,6 +68,22 @@ def test_packed_equals_dense_masked(kernel_path, fmt, shape, dtype):
         torch.testing.assert_close(run_format(fmt, x, w, None), F.linear(x, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["csr", "bitmask"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3])
+def test_dense_and_half_dense_rows(kernel_path, fmt, sparsity, dtype):
+    # At 70% a chunk of 8 columns is almost never full; here most are: the vector paths' full
+    # chunks (every lane set), and the last row's values ending at the end of the tensor.
+    for out_f, in_f in [(9, 64), (6, 72), (31, 1000), (2, 8)]:
+        w = masked_weight(out_f, in_f, sparsity, dtype)
+        w[-1] = torch.linspace(-1, 1, in_f).to(dtype)  # last row fully dense
+        g = torch.Generator().manual_seed(2)
+        for batch in (1, 2, 9):
+            x = torch.randn(batch, in_f, generator=g).to(dtype)
+            tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}  # sums of up to 1000 terms
+            torch.testing.assert_close(run_format(fmt, x, w, None), F.linear(x, w), **tol)
+
+
 @pytest.mark.parametrize("fmt", ["csr", "bitmask", "nm"])
 def test_all_zero_layer_and_empty_batch(kernel_path, fmt):
     w = torch.zeros(19, 40)

@@ -42,6 +42,124 @@ inline void bitmask_word(const float* x, int64_t ldx, int64_t col, const uint64_
 }
 #endif
 
+#if SPARSELM_AVX2
+// AVX2 has no expand: 8 columns at a time, the mask byte m selects a lane permutation from a
+// table, lane i of kExpand8[m] being the rank of column i among m's set columns (7 for an
+// unset column). The chunk's popcount(m) values are loaded into the low lanes, zero above
+// (vmaskmov, which reads nothing past them), so an unset column picks lane 7: zero unless all
+// 8 are set, and then no column is unset. 16 KB of tables, in L1 beside the streams.
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  alignas(32) int32_t lanes[256][8];  // all ones in m's set columns (bf16 clears the others)
+};
+constexpr ExpandTable make_expand_table() {
+  ExpandTable t{};
+  for (int m = 0; m < 256; ++m) {
+    int rank = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      const bool set = (m >> lane) & 1;
+      t.idx[m][lane] = set ? rank++ : 7;
+      t.lanes[m][lane] = set ? -1 : 0;
+    }
+  }
+  return t;
+}
+inline constexpr ExpandTable kExpand8 = make_expand_table();
+
+inline __m256i expand_index8(unsigned m) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand8.idx[m]));
+}
+// Columns of m set: lanes all ones; for zeroing lanes that a full 8-value load filled.
+inline __m256 lanes_of8(unsigned m) {
+  return _mm256_load_ps(reinterpret_cast<const float*>(kExpand8.lanes[m]));
+}
+// The popcount(m) packed values at p placed in m's lanes, zero elsewhere.
+inline __m256 expand8(const float* p, unsigned m) {
+  const __m256 v = _mm256_maskload_ps(p, prefix_mask8(__builtin_popcount(m)));
+  return _mm256_permutevar8x32_ps(v, expand_index8(m));
+}
+// bf16: a full 16-byte load (the caller guarantees 8 readable values at p), widened, permuted,
+// and the lanes of unset columns cleared (they may hold the next chunk's values).
+inline __m256 expand8(const at::BFloat16* p, unsigned m) {
+  const __m256 v = widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(v, expand_index8(m)), lanes_of8(m));
+}
+// Values that `expand8` may read past a row's last value (bf16 reads 8 whatever the count).
+template <typename T>
+constexpr int64_t kExpandOverread = std::is_same_v<T, float> ? 0 : 8;
+
+template <typename T, int BT>
+void bitmask_rows_avx2(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_bytes,
+                       const int64_t* offsets, const T* values, float* y, int64_t N, int64_t K, int64_t r0,
+                       int64_t r1) {
+  const int64_t full_words = K / 64, chunks = (K + 7) / 8;
+  const int64_t total = offsets[N];
+  // Prefetch one line of each row's value stream kPrefetchBytes ahead per word, two lines where
+  // rows hold over ~1.5 lines per word (as the AVX-512 loop).
+  const int64_t row_value_bytes =
+      N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
+  const bool dense_rows = row_value_bytes * 64 > 96 * K;
+  const int64_t dist = kPrefetchBytes / (int64_t)sizeof(T);
+  std::vector<T> tail_values;  // the last rows' values, padded, where a full load would overrun
+  for (int64_t r = r0; r < r1; r += 2) {  // two output rows share every load of x
+    const bool pair = r + 1 < r1;
+    const int64_t r_b = pair ? r + 1 : r;
+    const uint8_t* m0 = mask + r * row_bytes;
+    const uint8_t* m1 = mask + r_b * row_bytes;
+    const T* p0 = values + offsets[r];
+    const T* p1 = values + offsets[r_b];
+    if (kExpandOverread<T> > 0 && offsets[r_b + 1] + kExpandOverread<T> > total) {
+      const int64_t n0 = offsets[r + 1] - offsets[r], n1 = offsets[r_b + 1] - offsets[r_b];
+      tail_values.assign(n0 + n1 + 2 * kExpandOverread<T>, T(0));
+      std::copy(p0, p0 + n0, tail_values.begin());
+      std::copy(p1, p1 + n1, tail_values.begin() + n0 + kExpandOverread<T>);
+      p0 = tail_values.data();
+      p1 = tail_values.data() + n0 + kExpandOverread<T>;
+    }
+    __m256 acc0[BT], acc1[BT];
+    for (int b = 0; b < BT; ++b) { acc0[b] = _mm256_setzero_ps(); acc1[b] = _mm256_setzero_ps(); }
+    for (int64_t w = 0; w < full_words; ++w) {
+      prefetch_ahead(p0 + dist);
+      prefetch_ahead(p1 + dist);
+      if (dense_rows) {
+        prefetch_ahead(p0 + dist, 64);
+        prefetch_ahead(p1 + dist, 64);
+      }
+      if ((w & 7) == 0) prefetch_ahead(m0 + 8 * w, 2048);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const unsigned a = m0[8 * w + j], c = m1[8 * w + j];
+        const __m256 v0 = expand8(p0, a);
+        const __m256 v1 = expand8(p1, c);
+        p0 += __builtin_popcount(a);
+        p1 += __builtin_popcount(c);
+        for (int bb = 0; bb < BT; ++bb) {
+          const __m256 xv = _mm256_loadu_ps(x + bb * ldx + 64 * w + 8 * j);
+          acc0[bb] = _mm256_fmadd_ps(v0, xv, acc0[bb]);
+          acc1[bb] = _mm256_fmadd_ps(v1, xv, acc1[bb]);
+        }
+      }
+    }
+    for (int64_t g = 8 * full_words; g < chunks; ++g) {  // the last partial word, 8 columns at a time
+      const unsigned a = m0[g], c = m1[g];
+      const __m256 v0 = expand8(p0, a);
+      const __m256 v1 = expand8(p1, c);
+      p0 += __builtin_popcount(a);
+      p1 += __builtin_popcount(c);
+      for (int b = 0; b < BT; ++b) {
+        const __m256 xv = load8(x + b * ldx + 8 * g, K - 8 * g);
+        acc0[b] = _mm256_fmadd_ps(v0, xv, acc0[b]);
+        acc1[b] = _mm256_fmadd_ps(v1, xv, acc1[b]);
+      }
+    }
+    for (int b = 0; b < BT; ++b) {
+      y[b * N + r] = hsum8(acc0[b]);
+      if (pair) y[b * N + r + 1] = hsum8(acc1[b]);
+    }
+  }
+}
+#endif
+
 template <typename T, int BT>
 void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_bytes,
                   const int64_t* offsets, const T* values, float* y, int64_t N, int64_t K,
@@ -113,6 +231,9 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
       if (pair) y[b * N + r + 1] = _mm512_reduce_add_ps(acc1[b]);
     }
   }
+#elif SPARSELM_AVX2
+  bitmask_rows_avx2<T, BT>(x, ldx, mask, row_bytes, offsets, values, y, N, K, r0, r1);
+  (void)G;
 #else
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* m = mask + r * row_bytes;

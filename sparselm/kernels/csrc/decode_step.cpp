@@ -88,6 +88,15 @@ void attend_head(const float* q, const C* keys, const C* vals, int64_t S, int64_
     sum16 = _mm512_add_ps(sum16, e);
   }
   total = _mm512_reduce_add_ps(sum16);
+#elif SPARSELM_AVX2
+  __m256 sum8 = _mm256_setzero_ps();
+  const __m256 top8 = _mm256_set1_ps(top);
+  for (; s + 8 <= S; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), top8));
+    _mm256_storeu_ps(scores + s, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  total = hsum8(sum8);
 #endif
   for (; s < S; ++s) {
     scores[s] = std::exp(scores[s] - top);
@@ -117,6 +126,11 @@ void silu_mul(float* g, const float* u, int64_t n) {
     const __m512 a = _mm512_loadu_ps(g + i);
     _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(a, sigmoid16(a)), _mm512_loadu_ps(u + i)));
   }
+#elif SPARSELM_AVX2
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_loadu_ps(g + i);
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(a, sigmoid8(a)), _mm256_loadu_ps(u + i)));
+  }
 #endif
   for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
@@ -144,6 +158,25 @@ void gemv_rows(const float* x, const float* W, float* y, int64_t K, int64_t r0, 
     y[r + 1] = _mm512_reduce_add_ps(a1);
     y[r + 2] = _mm512_reduce_add_ps(a2);
     y[r + 3] = _mm512_reduce_add_ps(a3);
+  }
+#elif SPARSELM_AVX2
+  for (; r + 4 <= r1; r += 4) {  // four rows per pass, two accumulators each (8 FMA chains)
+    const float* w0 = W + r * K;
+    __m256 a[4][2];
+    for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= K; c += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+      for (int i = 0; i < 4; ++i) {
+        a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i * K + c), x0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i * K + c + 8), x1, a[i][1]);
+      }
+    }
+    for (; c < K; c += 8) {
+      const __m256 xv = load8(x + c, K - c);
+      for (int i = 0; i < 4; ++i) a[i][0] = _mm256_fmadd_ps(load8(w0 + i * K + c, K - c), xv, a[i][0]);
+    }
+    for (int i = 0; i < 4; ++i) y[r + i] = hsum8(_mm256_add_ps(a[i][0], a[i][1]));
   }
 #endif
   for (; r < r1; ++r) {
@@ -179,6 +212,24 @@ void gemv_rows(const float* x, const at::BFloat16* W, float* y, int64_t K, int64
       }
     }
     for (int i = 0; i < 4; ++i) y[r + i] = _mm512_reduce_add_ps(_mm512_add_ps(e[i], o[i]));
+  }
+#elif SPARSELM_AVX2
+  for (; r + 4 <= r1; r += 4) {  // four rows per pass, 8 columns per step
+    const at::BFloat16* w0 = W + r * K;
+    __m256 a[4];
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= K; c += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + c);
+      for (int i = 0; i < 4; ++i)
+        a[i] = _mm256_fmadd_ps(widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w0 + i * K + c))), xv,
+                               a[i]);
+    }
+    if (c < K) {
+      const __m256 xv = load8(x + c, K - c);
+      for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(load8(w0 + i * K + c, K - c), xv, a[i]);
+    }
+    for (int i = 0; i < 4; ++i) y[r + i] = hsum8(a[i]);
   }
 #endif
   for (; r < r1; ++r) {

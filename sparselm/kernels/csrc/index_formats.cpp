@@ -33,6 +33,25 @@ inline float gather_dot(const float* x, const T* vals, ColFn cols8, int64_t coun
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+#elif SPARSELM_AVX2
+  // cols8(j, n) returns the columns of slots j..j+n-1 (n <= 8) in the low lanes; the gather
+  // reads only the lanes below n.
+  __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) {
+    prefetch_ahead(vals + j, kPrefetchBytes);
+    const __m256 xa = _mm256_i32gather_ps(x, cols8(j, 8), 4);
+    const __m256 xb = _mm256_i32gather_ps(x, cols8(j + 8, 8), 4);
+    acc_a = _mm256_fmadd_ps(load8(vals + j, 8), xa, acc_a);
+    acc_b = _mm256_fmadd_ps(load8(vals + j + 8, 8), xb, acc_b);
+  }
+  for (; j < count; j += 8) {
+    const int64_t left = std::min<int64_t>(8, count - j);
+    const __m256 lanes = _mm256_castsi256_ps(prefix_mask8(left));
+    const __m256 xa = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, cols8(j, left), lanes, 4);
+    acc_a = _mm256_fmadd_ps(load8(vals + j, left), xa, acc_a);
+  }
+  return hsum8(_mm256_add_ps(acc_a, acc_b));
 #else
   (void)x; (void)vals; (void)cols8; (void)count;
   return 0.f;
@@ -97,6 +116,17 @@ inline __m256i load_cols8(const int32_t* c, __mmask8 k) { return _mm256_maskz_lo
 inline __m256i load_cols8(const int16_t* c, __mmask8 k) {
   return _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(k, c));  // columns < 32768: zero-extend
 }
+#elif SPARSELM_AVX2
+// The first n (<= 8) columns, read without touching memory past them.
+inline __m256i load_cols8(const int32_t* c, int64_t n) {
+  return n >= 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)) : _mm256_maskload_epi32(c, prefix_mask8(n));
+}
+inline __m256i load_cols8(const int16_t* c, int64_t n) {
+  if (n >= 8) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  alignas(16) int16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(tmp, c, n * sizeof(int16_t));
+  return _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
 #endif
 
 // CSR: crow int64 [N + 1], col int16 (in_features <= 32768) or int32 [nnz], values [nnz].
@@ -111,6 +141,13 @@ void csr_rows_b1(const float* xp, const int64_t* rp, const I* cp, const T* vp, f
     auto cols8 = [c](int64_t j, __mmask8 k) {
       prefetch_ahead(c + j, kPrefetchBytes);
       return load_cols8(c + j, k);
+    };
+    yp[r] = gather_dot(xp, vp + s0, cols8, count);
+#elif SPARSELM_AVX2
+    const I* c = cp + s0;
+    auto cols8 = [c](int64_t j, int64_t n) {
+      prefetch_ahead(c + j, kPrefetchBytes);
+      return load_cols8(c + j, n);
     };
     yp[r] = gather_dot(xp, vp + s0, cols8, count);
 #else
@@ -177,6 +214,14 @@ at::Tensor nm_matmul_t(const at::Tensor& x, const at::Tensor& idx,
         const __m256i base = _mm256_maskz_loadu_epi32(k, sb + j);
         const __m128i i8 = _mm_maskz_loadu_epi8((__mmask16)k, ir + j);
         return _mm256_add_epi32(base, _mm256_cvtepu8_epi32(i8));
+      };
+      yp[r] = gather_dot(xp, vp + r * S, cols8, S);
+#elif SPARSELM_AVX2
+      auto cols8 = [ir, sb](int64_t j, int64_t n) {
+        const __m256i base = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + j));  // sb holds S + 16
+        alignas(16) uint8_t tmp[16] = {0};
+        std::memcpy(tmp, ir + j, std::min<int64_t>(8, n));
+        return _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp))));
       };
       yp[r] = gather_dot(xp, vp + r * S, cols8, S);
 #else
