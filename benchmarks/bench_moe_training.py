@@ -9,8 +9,8 @@ active per token (the MoE adds only its router).
   moe_aux     Switch balance loss (coef 5e-2) + z-loss
   moe_bias    aux-loss-free bias balancing (rate 5e-3) + z-loss
   moe_none    no balancing (z-loss only): the contrast
-Reported: held-out (validation split) perplexity, total / active parameters, load CV and
-MaxVio after training (mean over layers) on the held-out windows and over the last 50
+Reported: held-out perplexity (windows spread evenly over the whole validation split), total /
+active parameters, load CV and MaxVio after training (mean over layers) on those windows and over the last 50
 training steps, wall time. The MoE gates are scaled by k (see MoEConfig.gate_scale). One PNG
 holds the loss curves and the final perplexities.
 
@@ -49,11 +49,23 @@ def parse_args(argv=None):
     p.add_argument("--bias-rate", type=float, default=5e-3, help="aux-loss-free bias step (moe_bias)")
     p.add_argument("--gate-scale", type=float, default=None, help="routed gate scale (default: top-k)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--eval-windows", type=int, default=256,
+                   help="held-out windows, spread evenly over the whole validation split (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runs", default="dense,moe_aux,moe_bias,moe_none")
     p.add_argument("--plot", default="reports/moe_training.png", help="PNG path for the loss curves")
     return p.parse_args(argv)
+
+
+def spread_windows(ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens at evenly spaced offsets over the whole stream,
+    concatenated (perplexity's non-overlapping windows of the result are exactly these).
+    The validation split is whole source files one after another: its first windows are one
+    or two files, and the routers' load on them says more about those files than about
+    held-out text."""
+    n = ids.numel() // seq_len
+    picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
+    return ids[: n * seq_len].view(n, seq_len)[picks].reshape(-1)
 
 
 def smooth(values: list[float], width: int = 20) -> list[float]:
@@ -97,7 +109,7 @@ def main(argv=None) -> dict:
     corpus = load_corpus(None)
     tok = load_tokenizer("tiny", corpus)
     train_ids = corpus_token_ids(tok, corpus, "train")
-    val_ids = corpus_token_ids(tok, corpus, "validation")
+    val_ids = spread_windows(corpus_token_ids(tok, corpus, "validation"), args.context, args.eval_windows)
     arch = dict(hidden=args.hidden, layers=args.layers, heads=4, kv_heads=2, context=args.context, tokenizer=tok)
     results = {}
     for name in args.runs.split(","):
