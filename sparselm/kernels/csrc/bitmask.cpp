@@ -94,12 +94,14 @@ void bitmask_rows_avx2(const float* x, int64_t ldx, const uint8_t* mask, int64_t
                        int64_t r1) {
   const int64_t full_words = K / 64, chunks = (K + 7) / 8;
   const int64_t total = offsets[N];
-  // Prefetch one line of each row's value stream kPrefetchBytes ahead per word, two lines where
-  // rows hold over ~1.5 lines per word (as the AVX-512 loop).
+  // Prefetch as the AVX-512 loop does: sparse rows one line per word kPrefetchBytes ahead in
+  // the value stream; rows with over ~1.5 lines of values per word two lines per word at the
+  // same position `ahead` rows further on, and both rows' masks likewise.
   const int64_t row_value_bytes =
       N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
   const bool dense_rows = row_value_bytes * 64 > 96 * K;
-  const int64_t dist = kPrefetchBytes / (int64_t)sizeof(T);
+  const int64_t ahead = std::max<int64_t>(
+      2, std::min<int64_t>(64, (kPrefetchBytes + row_value_bytes - 1) / row_value_bytes + 1) / 2 * 2);
   std::vector<T> tail_values;  // the last rows' values, padded, where a full load would overrun
   for (int64_t r = r0; r < r1; r += 2) {  // two output rows share every load of x
     const bool pair = r + 1 < r1;
@@ -118,14 +120,25 @@ void bitmask_rows_avx2(const float* x, int64_t ldx, const uint8_t* mask, int64_t
     }
     __m256 acc0[BT], acc1[BT];
     for (int b = 0; b < BT; ++b) { acc0[b] = _mm256_setzero_ps(); acc1[b] = _mm256_setzero_ps(); }
+    int64_t d0 = kPrefetchBytes / (int64_t)sizeof(T), d1 = d0, dm = 0;  // in values / mask bytes
+    if (dense_rows) {
+      d0 = offsets[std::min(N - 1, r + ahead)] - offsets[r];
+      d1 = offsets[std::min(N - 1, r_b + ahead)] - offsets[r_b];
+      dm = ahead * row_bytes;
+    }
     for (int64_t w = 0; w < full_words; ++w) {
-      prefetch_ahead(p0 + dist);
-      prefetch_ahead(p1 + dist);
+      prefetch_ahead(p0 + d0);
+      prefetch_ahead(p1 + d1);
       if (dense_rows) {
-        prefetch_ahead(p0 + dist, 64);
-        prefetch_ahead(p1 + dist, 64);
+        prefetch_ahead(p0 + d0, 64);
+        prefetch_ahead(p1 + d1, 64);
+        if ((w & 7) == 0) {
+          prefetch_ahead(m0 + 8 * w + dm);
+          prefetch_ahead(m1 + 8 * w + dm);
+        }
+      } else if ((w & 7) == 0) {
+        prefetch_ahead(m0 + 8 * w, 2048);
       }
-      if ((w & 7) == 0) prefetch_ahead(m0 + 8 * w, 2048);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const unsigned a = m0[8 * w + j], c = m1[8 * w + j];
