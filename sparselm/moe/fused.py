@@ -8,8 +8,8 @@
   rows that use each source row at most once (dropless top-k: the rows are a permutation).
 
 The C++ kernels (sparselm/kernels/csrc/moe_kernels.cpp) run for fp32 / bf16 CPU tensors when
-the extension is built with AVX-512; they compute in fp32 and round once. Elsewhere (other
-dtypes, GPUs, no extension) the same values come from PyTorch ops, several passes each.
+the extension is built with AVX-512 or AVX2; they compute in fp32 and round once. Elsewhere
+(other dtypes, GPUs, no extension) the same values come from PyTorch ops, several passes each.
 Measured on the issue's dispatch shapes (benchmarks/bench_moe_dispatch.py), the PyTorch
 versions of these steps took 15-30% of a forward + backward step (fp32-bf16).
 """
@@ -26,7 +26,9 @@ def fused_kernels(t: torch.Tensor):
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
         return None
     ext = load_extension()
-    if ext is None or not ext.compiled_with_avx512():  # portable builds: scalar exp, slower than torch
+    # Vector builds only (16 or 8 lanes): portable builds compute exp one value at a time, which
+    # is slower than PyTorch's own vectorised ops.
+    if ext is None or ext.compiled_simd() not in ("avx512", "avx2"):
         return None
     return ext
 

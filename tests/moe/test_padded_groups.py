@@ -11,7 +11,7 @@ from sparselm.moe.layer import MoEConfig, MoELayer
 
 dispatch_module = sys.modules["sparselm.moe.dispatch"]  # the package exports a function of that name
 needs_ext = pytest.mark.skipif(fused_kernels(torch.zeros(1)) is None,
-                               reason="needs the C++ kernels built with AVX-512")
+                               reason="needs the C++ kernels built with AVX-512 or AVX2")
 
 
 def test_matmul_rows_bounds_and_reuse():

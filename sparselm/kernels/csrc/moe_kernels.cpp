@@ -38,6 +38,16 @@ inline void store16(at::BFloat16* p, __m512 v, __mmask16 k) {
 }
 #endif
 
+#if SPARSELM_AVX2
+// sigmoid(g) on 8 lanes, 0 where e^-g overflows fp32 (g below about -88.7). exp8 saturates
+// there instead, which would make silu(-inf) = -inf * tiny = -inf; with 0 it is -inf * 0 = NaN,
+// and very negative finite gates give silu = -0, as PyTorch's fp32 ops and the scalar path do.
+inline __m256 gate_sigmoid8(__m256 g) {
+  const __m256 finite_exp = _mm256_cmp_ps(g, _mm256_set1_ps(-88.7f), _CMP_GE_OQ);  // false for NaN
+  return _mm256_and_ps(sigmoid8(g), finite_exp);  // a NaN gate stays NaN through g * s
+}
+#endif
+
 inline void check_float_or_bf16(const at::Tensor& t, const char* what, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), what, ": ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what, ": ", name,
@@ -60,6 +70,13 @@ void swiglu_range(const T* h, T* act, int64_t F, int64_t lo, int64_t hi) {
       const __m512 gv = load_values(g + j, count);
       const __m512 uv = load_values(u + j, count);
       store16(a + j, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv), tail_mask(end - j));
+    }
+#elif SPARSELM_AVX2
+    for (; j < end; j += 8) {
+      const int64_t count = std::min<int64_t>(8, end - j);
+      const __m256 gv = load8(g + j, count);
+      const __m256 uv = load8(u + j, count);
+      store8(a + j, _mm256_mul_ps(_mm256_mul_ps(gv, gate_sigmoid8(gv)), uv), count);
     }
 #endif
     for (; j < end; ++j) {
@@ -94,6 +111,19 @@ void swiglu_backward_range(const T* h, const T* grad_act, T* grad_h, int64_t F, 
       store16(du + j, _mm512_mul_ps(dav, gs), k);
       const __m512 dsilu = _mm512_fmadd_ps(gs, _mm512_sub_ps(one, s), s);  // s + g s (1 - s)
       store16(dg + j, _mm512_mul_ps(_mm512_mul_ps(dav, uv), dsilu), k);
+    }
+#elif SPARSELM_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j < end; j += 8) {
+      const int64_t count = std::min<int64_t>(8, end - j);
+      const __m256 gv = load8(g + j, count);
+      const __m256 uv = load8(u + j, count);
+      const __m256 dav = load8(da + j, count);
+      const __m256 s = gate_sigmoid8(gv);
+      const __m256 gs = _mm256_mul_ps(gv, s);
+      store8(du + j, _mm256_mul_ps(dav, gs), count);
+      const __m256 dsilu = _mm256_fmadd_ps(gs, _mm256_sub_ps(one, s), s);  // s + g s (1 - s)
+      store8(dg + j, _mm256_mul_ps(_mm256_mul_ps(dav, uv), dsilu), count);
     }
 #endif
     for (; j < end; ++j) {
@@ -132,6 +162,25 @@ template <typename T>
 void rows_sum_impl(const T* src, const int64_t* rows, const float* w, T* out, int64_t tokens, int64_t K,
                    int64_t D) {
   const int threads = num_threads_for(tokens * K * D);
+#if SPARSELM_AVX2
+  // 8 columns at a time through all K rows, the sum in a register: no fp32 row buffer to
+  // write and reread per row, one rounding at the store. The sum is the AVX-512 path's
+  // (k = 0 .. K-1, each a fused multiply-add onto the running sum from +0).
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t* r = rows + t * K;
+    T* o = out + t * D;
+    for (int64_t d = 0; d < D; d += 8) {
+      const int64_t count = std::min<int64_t>(8, D - d);
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 wv = _mm256_set1_ps(w ? w[t * K + k] : 1.0f);
+        acc = _mm256_fmadd_ps(wv, load8(src + r[k] * D + d, count), acc);
+      }
+      store8(o + d, acc, count);
+    }
+  }
+#else
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> acc(D);
@@ -155,6 +204,7 @@ void rows_sum_impl(const T* src, const int64_t* rows, const float* w, T* out, in
       for (int64_t d = 0; d < D; ++d) store(o + d, acc[d]);
     }
   }
+#endif
 }
 
 // Backward of rows_sum when no source row is used twice:
@@ -183,6 +233,26 @@ void rows_sum_backward_impl(const T* src, const int64_t* rows, const float* w, c
         if (grad_w) dotv = _mm512_fmadd_ps(load_values(s + d, 16), gv, dotv);
       }
       dot = _mm512_reduce_add_ps(dotv);
+#elif SPARSELM_AVX2
+      // Tails included (masked loads and stores), two dot accumulators for the FMA latency.
+      const __m256 wv = _mm256_set1_ps(wk);
+      __m256 dot0 = _mm256_setzero_ps(), dot1 = _mm256_setzero_ps();
+      for (; d + 16 <= D; d += 16) {
+        const __m256 g0 = load8(go + d, 8), g1 = load8(go + d + 8, 8);
+        store8(gs + d, _mm256_mul_ps(wv, g0), 8);
+        store8(gs + d + 8, _mm256_mul_ps(wv, g1), 8);
+        if (grad_w) {
+          dot0 = _mm256_fmadd_ps(load8(s + d, 8), g0, dot0);
+          dot1 = _mm256_fmadd_ps(load8(s + d + 8, 8), g1, dot1);
+        }
+      }
+      for (; d < D; d += 8) {
+        const int64_t count = std::min<int64_t>(8, D - d);
+        const __m256 gv = load8(go + d, count);
+        store8(gs + d, _mm256_mul_ps(wv, gv), count);
+        if (grad_w) dot0 = _mm256_fmadd_ps(load8(s + d, count), gv, dot0);
+      }
+      dot = hsum8(_mm256_add_ps(dot0, dot1));
 #endif
       for (; d < D; ++d) {
         const float gv = to_float(go[d]);
