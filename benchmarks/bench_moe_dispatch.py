@@ -88,6 +88,9 @@ def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def fresh_inputs(seed: int, tokens: int, dim: int, dtype: torch.dtype):
     """An endless stream of new [1, T, D] inputs (untimed): every step routes differently,
     as in training, so the experts' row counts change from step to step."""
@@ -123,9 +126,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first (default 5)")
+    parser.add_argument("--dtypes", default="fp32,bf16",
+                        help="comma-separated, of fp32 and bf16 (default both; bf16 matmuls are slow on CPUs "
+                             "without native bf16 (AVX512-BF16 / AMX), where the bf16 run takes much longer)")
     parser.add_argument("--fixed-routing", action="store_true",
                         help="time every step on the same input (default: a new input, so new routing, each step)")
     args = parser.parse_args(argv)
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        parser.error(f"unknown dtype(s) {unknown} in --dtypes; use fp32 and/or bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -136,7 +145,8 @@ def main(argv=None) -> dict:
           f"glibc MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}\n")
     print("| dtype | method | ms | speedup vs naive | time / dense | time / dense_fused | time / mixtral_hf |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
         times = bench_dtype(args, dtype)
         results[dtype_name] = {}
         for name, ts in times.items():
