@@ -41,3 +41,13 @@ def random_llama(seed=0, **overrides):
                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def with_threads(n, fn):
+    """fn() with torch's CPU thread count set to n, restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)

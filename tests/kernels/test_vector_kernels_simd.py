@@ -4,17 +4,10 @@ ranges split across threads, and the activation-sparse kernel's 2048-column chun
 import pytest
 import torch
 
+from tests.conftest import with_threads
+
 # Every tail of an 8- and a 16-lane loop (and of two 8-lane vectors per step), and longer rows.
 WIDTHS = list(range(1, 34)) + [63, 100, 513]
-
-
-def _with_threads(n, fn):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture
@@ -45,11 +38,11 @@ def test_dense_gemv_rows_split_across_threads(ext, dtype, threads):
     w = torch.randn(1031, 517, generator=gen).to(dtype)
     x = torch.randn(1, 517, generator=gen)
     ref = x.double() @ w.double().t()
-    got = _with_threads(threads, lambda: ext.dense_gemv(x, w))
+    got = with_threads(threads, lambda: ext.dense_gemv(x, w))
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-    got_bf16 = _with_threads(threads, lambda: ext.dense_gemv(x.bfloat16(), w))
+    got_bf16 = with_threads(threads, lambda: ext.dense_gemv(x.bfloat16(), w))
     assert got_bf16.dtype == torch.bfloat16
-    assert torch.equal(got_bf16, _with_threads(threads, lambda: ext.dense_gemv(x.bfloat16().float(), w)).bfloat16())
+    assert torch.equal(got_bf16, with_threads(threads, lambda: ext.dense_gemv(x.bfloat16().float(), w)).bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -76,8 +69,8 @@ def test_act_sparse_gemv_threads_agree(ext, dtype):
     x = torch.randn(k, generator=gen)
     x[torch.rand(k, generator=gen) < 0.7] = 0
     w_t = torch.randn(k, n, generator=gen).to(dtype)
-    one = _with_threads(1, lambda: ext.act_sparse_gemv(x, w_t))
-    two = _with_threads(2, lambda: ext.act_sparse_gemv(x, w_t))
+    one = with_threads(1, lambda: ext.act_sparse_gemv(x, w_t))
+    two = with_threads(2, lambda: ext.act_sparse_gemv(x, w_t))
     assert torch.equal(one, two)
     torch.testing.assert_close(two.double(), x.double() @ w_t.double(), rtol=1e-5, atol=1e-5)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselm.moe.fused import fused_kernels
+from tests.conftest import with_threads
 
 EXT = fused_kernels(torch.empty(1))
 pytestmark = pytest.mark.skipif(EXT is None, reason="needs the C++ kernels built with AVX-512 or AVX2")
@@ -30,15 +31,6 @@ def _swiglu_torch_fp32(h, grad_act):
     s = torch.sigmoid(g)
     da = grad_act.float()
     return g * s * u, torch.cat([da * u * s * (1.0 + g * (1.0 - s)), da * (g * s)], dim=1)
-
-
-def _with_threads(n, fn):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("hidden", TAIL_WIDTHS)
@@ -93,8 +85,8 @@ def test_swiglu_split_across_threads_mid_row():
     grad_act = torch.randn(700, 37)
     for dtype in (torch.float32, torch.bfloat16):
         hd, gd = h.to(dtype), grad_act.to(dtype)
-        one = _with_threads(1, lambda: (EXT.swiglu_forward(hd), EXT.swiglu_backward(hd, gd)))
-        two = _with_threads(2, lambda: (EXT.swiglu_forward(hd), EXT.swiglu_backward(hd, gd)))
+        one = with_threads(1, lambda: (EXT.swiglu_forward(hd), EXT.swiglu_backward(hd, gd)))
+        two = with_threads(2, lambda: (EXT.swiglu_forward(hd), EXT.swiglu_backward(hd, gd)))
         assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
