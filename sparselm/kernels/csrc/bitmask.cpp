@@ -18,6 +18,61 @@ namespace {
 // pointer once per word, so the chain is 4x shorter. No branch skips empty groups: at 90%
 // sparsity 18% of groups are empty at random, and the mispredictions cost more than the FMAs.
 // ---------------------------------------------------------------------------------------
+// Prefetching for the vector loops (AVX-512 and AVX2 alike; prefetches never fault). Sparse rows
+// (under ~1.5 cache lines of values per 64-column word): one line per word, kPrefetchBytes ahead
+// in the value stream, and the mask 2 KB ahead every 8 words. Denser rows (e.g. 50% fp32: two
+// lines per word) would leave every other line to the hardware, and a fixed distance lets the
+// second row of a pair start cold; there each row prefetches two lines per word at the same
+// position `ahead` rows further on (>= kPrefetchBytes), and both rows' masks likewise: 5-12%
+// faster on 4096-11008-wide layers at 50% in a one-off A/B in one process on AVX-512, unchanged
+// at 70%; on AVX2 4096x11008 at 50% went 0.95x -> 1.50x of dense (benchmarks/bench_kernels.py
+// tracks these layers against dense; RESULTS.md has the runs).
+template <typename T>
+struct RowPairPrefetch {
+  const uint8_t* mask;
+  const int64_t* offsets;
+  int64_t N, row_bytes, ahead = 2;
+  bool dense_rows = false;
+  int64_t d0 = 0, d1 = 0, dm = 0;  // value distance of each row (in values), mask distance (bytes)
+  const uint8_t *m0 = nullptr, *m1 = nullptr;
+
+  RowPairPrefetch(const uint8_t* mask_, const int64_t* offsets_, int64_t N_, int64_t K, int64_t row_bytes_)
+      : mask(mask_), offsets(offsets_), N(N_), row_bytes(row_bytes_) {
+    const int64_t row_value_bytes =
+        N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
+    dense_rows = row_value_bytes * 64 > 96 * K;
+    ahead = std::max<int64_t>(
+        2, std::min<int64_t>(64, (kPrefetchBytes + row_value_bytes - 1) / row_value_bytes + 1) / 2 * 2);
+  }
+  // Start the rows r and r_b (r_b == r for a lone last row).
+  void rows(int64_t r, int64_t r_b) {
+    m0 = mask + r * row_bytes;
+    m1 = mask + r_b * row_bytes;
+    d0 = d1 = kPrefetchBytes / (int64_t)sizeof(T);
+    dm = 0;
+    if (dense_rows) {
+      d0 = offsets[std::min(N - 1, r + ahead)] - offsets[r];
+      d1 = offsets[std::min(N - 1, r_b + ahead)] - offsets[r_b];
+      dm = ahead * row_bytes;
+    }
+  }
+  // Before 64-column word w, with the rows' value pointers where that word's values start.
+  void word(const T* p0, const T* p1, int64_t w) const {
+    prefetch_ahead(p0 + d0);
+    prefetch_ahead(p1 + d1);
+    if (dense_rows) {
+      prefetch_ahead(p0 + d0, 64);
+      prefetch_ahead(p1 + d1, 64);
+      if ((w & 7) == 0) {
+        prefetch_ahead(m0 + 8 * w + dm);
+        prefetch_ahead(m1 + 8 * w + dm);
+      }
+    } else if ((w & 7) == 0) {
+      prefetch_ahead(m0 + 8 * w, 2048);
+    }
+  }
+};
+
 #if SPARSELM_AVX512
 template <typename T, int BT>
 inline void bitmask_word(const float* x, int64_t ldx, int64_t col, const uint64_t* wa, const uint64_t* wb,
@@ -94,14 +149,7 @@ void bitmask_rows_avx2(const float* x, int64_t ldx, const uint8_t* mask, int64_t
                        int64_t r1) {
   const int64_t full_words = K / 64, chunks = (K + 7) / 8;
   const int64_t total = offsets[N];
-  // Prefetch as the AVX-512 loop does: sparse rows one line per word kPrefetchBytes ahead in
-  // the value stream; rows with over ~1.5 lines of values per word two lines per word at the
-  // same position `ahead` rows further on, and both rows' masks likewise.
-  const int64_t row_value_bytes =
-      N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
-  const bool dense_rows = row_value_bytes * 64 > 96 * K;
-  const int64_t ahead = std::max<int64_t>(
-      2, std::min<int64_t>(64, (kPrefetchBytes + row_value_bytes - 1) / row_value_bytes + 1) / 2 * 2);
+  RowPairPrefetch<T> prefetch(mask, offsets, N, K, row_bytes);
   std::vector<T> tail_values;  // the last rows' values, padded, where a full load would overrun
   for (int64_t r = r0; r < r1; r += 2) {  // two output rows share every load of x
     const bool pair = r + 1 < r1;
@@ -120,25 +168,9 @@ void bitmask_rows_avx2(const float* x, int64_t ldx, const uint8_t* mask, int64_t
     }
     __m256 acc0[BT], acc1[BT];
     for (int b = 0; b < BT; ++b) { acc0[b] = _mm256_setzero_ps(); acc1[b] = _mm256_setzero_ps(); }
-    int64_t d0 = kPrefetchBytes / (int64_t)sizeof(T), d1 = d0, dm = 0;  // in values / mask bytes
-    if (dense_rows) {
-      d0 = offsets[std::min(N - 1, r + ahead)] - offsets[r];
-      d1 = offsets[std::min(N - 1, r_b + ahead)] - offsets[r_b];
-      dm = ahead * row_bytes;
-    }
+    prefetch.rows(r, r_b);
     for (int64_t w = 0; w < full_words; ++w) {
-      prefetch_ahead(p0 + d0);
-      prefetch_ahead(p1 + d1);
-      if (dense_rows) {
-        prefetch_ahead(p0 + d0, 64);
-        prefetch_ahead(p1 + d1, 64);
-        if ((w & 7) == 0) {
-          prefetch_ahead(m0 + 8 * w + dm);
-          prefetch_ahead(m1 + 8 * w + dm);
-        }
-      } else if ((w & 7) == 0) {
-        prefetch_ahead(m0 + 8 * w, 2048);
-      }
+      prefetch.word(p0, p1, w);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const unsigned a = m0[8 * w + j], c = m1[8 * w + j];
@@ -180,18 +212,7 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
   const int64_t G = (K + 15) / 16;
 #if SPARSELM_AVX512
   const int64_t full_words = K / 64;  // words whose 64 columns all exist
-  // Prefetch. Sparse rows (under ~1.5 cache lines of values per 64-column word): one line per
-  // word, kPrefetchBytes ahead in the value stream. Denser rows (e.g. 50% fp32: two lines per
-  // word) would leave every other line to the hardware, and a fixed distance lets the second row
-  // of a pair start cold; there each row prefetches two lines per word at the same position
-  // `ahead` rows further on (>= kPrefetchBytes), and both rows' masks likewise: 5-12% faster
-  // on 4096-11008-wide layers at 50% in a one-off A/B in one process, unchanged at 70%
-  // (benchmarks/bench_kernels.py tracks these layers against dense; RESULTS.md has both runs).
-  const int64_t row_value_bytes =
-      N > 0 ? std::max<int64_t>(1, (offsets[N] - offsets[0]) * (int64_t)sizeof(T) / N) : 1;
-  const bool dense_rows = row_value_bytes * 64 > 96 * K;
-  const int64_t ahead = std::max<int64_t>(
-      2, std::min<int64_t>(64, (kPrefetchBytes + row_value_bytes - 1) / row_value_bytes + 1) / 2 * 2);
+  RowPairPrefetch<T> prefetch(mask, offsets, N, K, row_bytes);
   int64_t r = r0;
   for (; r < r1; r += 2) {  // two output rows share every load of x
     const bool pair = r + 1 < r1;
@@ -202,25 +223,9 @@ void bitmask_rows(const float* x, int64_t ldx, const uint8_t* mask, int64_t row_
     const T* p1 = values + offsets[r_b];
     __m512 acc0[BT], acc1[BT];
     for (int b = 0; b < BT; ++b) { acc0[b] = _mm512_setzero_ps(); acc1[b] = _mm512_setzero_ps(); }
-    int64_t d0 = kPrefetchBytes / (int64_t)sizeof(T), d1 = d0, dm = 0;  // in values / mask words
-    if (dense_rows) {
-      d0 = offsets[std::min(N - 1, r + ahead)] - offsets[r];
-      d1 = offsets[std::min(N - 1, r_b + ahead)] - offsets[r_b];
-      dm = ahead * row_bytes / 8;
-    }
+    prefetch.rows(r, r_b);
     for (int64_t w = 0; w < full_words; ++w) {
-      prefetch_ahead(p0 + d0);
-      prefetch_ahead(p1 + d1);
-      if (dense_rows) {
-        prefetch_ahead(p0 + d0, 64);
-        prefetch_ahead(p1 + d1, 64);
-        if ((w & 7) == 0) {
-          prefetch_ahead(w0 + w + dm);
-          prefetch_ahead(w1 + w + dm);
-        }
-      } else if ((w & 7) == 0) {
-        prefetch_ahead(w0 + w, 2048);
-      }
+      prefetch.word(p0, p1, w);
       bitmask_word<T, BT>(x, ldx, 64 * w, w0 + w, w1 + w, p0, p1, acc0, acc1);
       p0 += __builtin_popcountll(w0[w]);
       p1 += __builtin_popcountll(w1[w]);
