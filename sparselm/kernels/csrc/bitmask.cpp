@@ -45,7 +45,7 @@ struct RowPairPrefetch {
         2, std::min<int64_t>(64, (kPrefetchBytes + row_value_bytes - 1) / row_value_bytes + 1) / 2 * 2);
   }
   // Start the rows r and r_b (r_b == r for a lone last row).
-  void rows(int64_t r, int64_t r_b) {
+  __attribute__((always_inline)) inline void rows(int64_t r, int64_t r_b) {
     m0 = mask + r * row_bytes;
     m1 = mask + r_b * row_bytes;
     d0 = d1 = kPrefetchBytes / (int64_t)sizeof(T);
@@ -57,7 +57,9 @@ struct RowPairPrefetch {
     }
   }
   // Before 64-column word w, with the rows' value pointers where that word's values start.
-  void word(const T* p0, const T* p1, int64_t w) const {
+  // Always inlined: as a call, every accumulator (ymm/zmm registers are caller-saved) would be
+  // spilled around it once per word: 2x slower on AVX2 (measured A/B, 4096x11008, one thread).
+  __attribute__((always_inline)) inline void word(const T* p0, const T* p1, int64_t w) const {
     prefetch_ahead(p0 + d0);
     prefetch_ahead(p1 + d1);
     if (dense_rows) {
