@@ -54,7 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runs", default="dense,moe_aux,moe_bias,moe_none")
     p.add_argument("--plot", default="reports/moe_training.png", help="PNG path for the loss curves")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_windows < 1:
+        p.error(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    return args
 
 
 def spread_windows(ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:

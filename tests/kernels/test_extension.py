@@ -10,9 +10,8 @@ from sparselm.kernels import extension
 def test_builds_for_this_cpu(sparse_kernels):
     if sparse_kernels is None:
         pytest.skip("no C++ toolchain here; the fallback is covered by the other tests")
-    assert sparse_kernels.compiled_with_avx512() == (extension.cpu_instruction_set() == "avx512")
-    isa = extension.cpu_instruction_set()
-    assert sparse_kernels.compiled_simd() == isa  # avx512, avx2 (8-lane paths) or portable
+    # avx512, avx2 (8-lane paths) or portable: the widest this CPU has
+    assert sparse_kernels.compiled_simd() == extension.cpu_instruction_set()
     assert "extension" in extension.extension_status()
 
 

@@ -32,7 +32,6 @@ std::vector<at::Tensor> route_top_k(at::Tensor scores, int64_t K);
 int64_t moe_parallel_experts(std::vector<int64_t> counts, int64_t D, int64_t F);
 void mm_many(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out, int64_t threads);
 void obs_prune_block(at::Tensor W, at::Tensor U, at::Tensor prune, at::Tensor err, int64_t n, int64_t m);
-bool compiled_with_avx512() { return SPARSELM_AVX512 != 0; }
 // The vector paths compiled in: "avx512", "avx2" (8-lane versions) or "portable" (plain C++).
 std::string compiled_simd() { return SPARSELM_AVX512 ? "avx512" : (SPARSELM_AVX2 ? "avx2" : "portable"); }
 }  // namespace sparselm
@@ -77,6 +76,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_blocks", &sparselm::DecodeStack::num_blocks)
       .def_property_readonly("single_region", &sparselm::DecodeStack::single_region,
                              "whether a token step runs in one parallel region (batch 1, dense fp32 or bitmask)");
-  m.def("compiled_with_avx512", &sparselm::compiled_with_avx512, "whether the AVX-512 paths were compiled");
   m.def("compiled_simd", &sparselm::compiled_simd, "the vector paths compiled in: avx512, avx2 or portable");
 }
