@@ -36,3 +36,15 @@ def test_dispatch_benchmark_runs(fixed, capsys):
         assert rows["dense_swiglu"]["time_vs_dense"] == 1.0
         assert all(r["ms"] > 0 for r in rows.values())
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"benchmark": "moe_dispatch"')
+
+
+def test_dispatch_benchmark_dtypes_option():
+    argv = ["--tokens", "32", "--dim", "16", "--hidden", "8", "--rounds", "1", "--warmup", "0", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        summary = _bench().main(argv + ["--dtypes", "fp32"])
+        assert set(summary["results"]) == {"fp32"}  # bf16 skipped when not asked for
+        with pytest.raises(SystemExit):
+            _bench().main(argv + ["--dtypes", "fp32,fp8"])  # refused before any timing
+    finally:
+        torch.set_num_threads(threads)
