@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparselm.attention.pattern import Pattern, Range, merge_ranges, positive_int, triangle
+from sparselm.attention.pattern import Pattern, Range, merge_ranges, positive_int, table_on, triangle
 from sparselm.errors import SparselmError
 
 
-def _tile_lookup(layout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+def _tile_lookup(layout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block: int,
+                 copies: dict) -> torch.Tensor:
     """layout[q // block, k // block] for broadcast position tensors, False outside the layout."""
-    layout = layout.to(q.device)
+    layout = table_on(copies, "layout", layout, q.device)
     qb, kb = q // block, k // block
     inside = (qb < layout.shape[0]) & (kb < layout.shape[1])
     return layout[qb.clamp(max=layout.shape[0] - 1), kb.clamp(max=layout.shape[1] - 1)] & inside
@@ -39,6 +40,7 @@ class RandomBlocks(Pattern):
     count: int
     seed: int = 0
     _layouts: dict = field(default_factory=dict, compare=False, repr=False)
+    _device_copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         positive_int("block", self.block)
@@ -58,6 +60,7 @@ class RandomBlocks(Pattern):
         for qb in range(1, n_blocks):
             table[qb, self._choices(qb)] = True
         self._layouts.clear()  # keep one table: the largest length in use
+        self._device_copies.clear()  # copies of the smaller table
         self._layouts[n_blocks] = table
         return table
 
@@ -68,7 +71,7 @@ class RandomBlocks(Pattern):
 
     def _rule(self, q, k):
         table = self._layouts[max(self._layouts)]
-        return _tile_lookup(table, q, k, self.block)
+        return _tile_lookup(table, q, k, self.block, self._device_copies)
 
     def key_ranges(self, q_start: int, q_end: int) -> list[Range]:
         self.prepare(q_end)
@@ -98,6 +101,7 @@ class BlockSparse(Pattern):
 
     layout: torch.Tensor = field(compare=False)
     block: int = 64
+    _device_copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         positive_int("block", self.block)
@@ -120,7 +124,7 @@ class BlockSparse(Pattern):
                                 f"pad the sequence to a multiple of {self.block} or choose a block size that divides it")
 
     def _rule(self, q, k):
-        return _tile_lookup(self.layout, q, k, self.block)
+        return _tile_lookup(self.layout, q, k, self.block, self._device_copies)
 
     def key_ranges(self, q_start: int, q_end: int) -> list[Range]:
         first, last = q_start // self.block, (q_end - 1) // self.block

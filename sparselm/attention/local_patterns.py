@@ -10,11 +10,11 @@ strided and fixed (Child et al. 2019, Sparse Transformers, section 4.2); global 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from sparselm.attention.pattern import Pattern, Range, positive_int, triangle
+from sparselm.attention.pattern import Pattern, Range, positive_int, table_on, triangle
 from sparselm.errors import SparselmError
 
 
@@ -95,6 +95,7 @@ class GlobalTokens(Pattern):
     """
 
     positions: tuple[int, ...]
+    _device_copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.positions:
@@ -112,7 +113,7 @@ class GlobalTokens(Pattern):
         return cls(tuple(range(count)))
 
     def _is_global(self, pos: torch.Tensor) -> torch.Tensor:
-        table = self._table.to(pos.device)
+        table = table_on(self._device_copies, "global", self._table, pos.device)
         return table[pos.clamp(0, table.numel() - 1)] & (pos < table.numel())
 
     def _rule(self, q, k):

@@ -184,3 +184,15 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise SparselmError(f"{name} must be >= {minimum}, got {value}; pass a positive {name}")
     return value
+
+
+def table_on(copies: dict, name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`table` on `device`: itself when it is there already, else a copy made once and kept in
+    `copies` (a pattern's own cache). A compiled FlexAttention mask cannot copy a CPU lookup table
+    to the GPU inside its graph, so `pattern_block_mask` evaluates the rule once eagerly first."""
+    if table.device == device:
+        return table
+    key = (name, str(device))
+    if key not in copies:
+        copies[key] = table.to(device)
+    return copies[key]

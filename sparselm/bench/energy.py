@@ -46,7 +46,8 @@ class EnergyMeter:
             import pynvml
 
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
             self._nvml = (pynvml, handle)
         except Exception as err:  # noqa: BLE001 - any NVML failure means: cannot measure

@@ -12,7 +12,8 @@ Per variant (legend: P = prompt tokens, D = decoded tokens):
 - FLOPs per token: 2 x multiply-adds the kernels execute (a dense layer executes all of its
   weights, zeros included; a packed layer only its non-zeros) plus attention over the cache;
 - peak RSS of the process during the variant (Linux resets the high-water mark through
-  /proc/self/clear_refs), and on CUDA the peak allocated memory;
+  /proc/self/clear_refs), and on CUDA the peak allocated memory of the variant (its weights and
+  what its prefill and decode allocate; the other variants' copies are not counted);
 - energy per decoded token from RAPL / NVML where readable, else the reason it is not.
 """
 from __future__ import annotations
@@ -28,7 +29,14 @@ from torch import nn
 from sparselm.bench.energy import EnergyMeter
 from sparselm.errors import SparselmError
 
-VARIANTS = ("dense", "auto", "csr", "bitmask", "nm")
+VARIANTS = ("dense", "auto", "csr", "bitmask", "nm", "2:4")
+CPU_VARIANTS = ("dense", "auto", "csr", "bitmask", "nm")  # the packed formats run by the CPU kernels
+GPU_VARIANTS = ("dense", "2:4")  # "2:4": PyTorch's semi-structured tensors (cuSPARSELt / CUTLASS)
+
+
+def default_variants(device: str | torch.device) -> tuple[str, ...]:
+    """The variants that can run on this device: CPU packed formats, or dense vs 2:4 on CUDA."""
+    return GPU_VARIANTS if torch.device(device).type == "cuda" else CPU_VARIANTS
 
 
 @dataclass
@@ -49,10 +57,35 @@ class GenerationResult:
     decode_s_rounds: list = field(default_factory=list)  # seconds of each timed decode, in round order
 
 
+def _semi_structured_parts(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """The tensors a 2:4 semi-structured weight really holds (kept values, metadata), else None."""
+    try:
+        from torch.sparse import SparseSemiStructuredTensor
+    except ImportError:
+        return None
+    if not isinstance(tensor, SparseSemiStructuredTensor):
+        return None
+    # each layout keeps its compressed weight (and the transposed copy some kernels use) in these
+    names = ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")
+    return [part for part in (getattr(tensor, n, None) for n in names) if isinstance(part, torch.Tensor)]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds in memory: the compressed parts of a 2:4 semi-structured tensor."""
+    parts = _semi_structured_parts(tensor)
+    if parts is not None:
+        return sum(p.numel() * p.element_size() for p in parts)
+    return tensor.numel() * tensor.element_size()
+
+
 def resident_weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers, shared storages counted once."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
+        parts = _semi_structured_parts(tensor)
+        if parts is not None:
+            total += tensor_bytes(tensor)
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
         if key in seen:
             continue
@@ -71,8 +104,10 @@ def linear_stats(model: nn.Module) -> tuple[int, int]:
             nbytes += module.packed_nbytes()
             macs += module.nnz
         elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            nbytes += module.weight.numel() * module.weight.element_size()
-            macs += module.weight.numel()
+            nbytes += tensor_bytes(module.weight)
+            # a 2:4 weight's kernel executes only the kept half of the products
+            semi = _semi_structured_parts(module.weight) is not None
+            macs += module.weight.numel() // 2 if semi else module.weight.numel()
     return nbytes, macs
 
 
@@ -175,6 +210,8 @@ class _GenerationRun:
             _lean_step(model, prompt_len + new_tokens, batch_size)
         self.meter = EnergyMeter(str(self.device))
         self.cuda = self.device.type == "cuda"
+        self.own_bytes = resident_weight_bytes(model)
+        self.gpu_peak_mb: float | None = None
         self.prefill_s: list[float] = []
         self.decode_s: list[float] = []
         self.energy_j: list[float | None] = []
@@ -192,6 +229,9 @@ class _GenerationRun:
         rss_reset = _reset_peak_rss()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+            # the other variants' copies stay allocated meanwhile: count this model's weights and
+            # what its run allocates, not them
+            others = torch.cuda.memory_allocated(self.device) - self.own_bytes
         with torch.inference_mode():
             self._sync()
             start = time.perf_counter()
@@ -212,6 +252,9 @@ class _GenerationRun:
             self.energy_j.append(self.meter.stop())
         if rss_reset:
             self.peak_rss_mb = max(self.peak_rss_mb or 0.0, _peak_rss_mb() or 0.0)
+        if self.cuda:
+            peak = (torch.cuda.max_memory_allocated(self.device) - others) / 2**20
+            self.gpu_peak_mb = max(self.gpu_peak_mb or 0.0, peak)
 
     def result(self, variant: str, pack_choices: dict | None = None) -> GenerationResult:
         model, batch, prompt_len = self.model, self.prompt.shape[0], self.prompt.shape[1]
@@ -233,7 +276,7 @@ class _GenerationRun:
             decode_bandwidth_gb_s=weight_bytes * steps_per_s / 1e9,
             flops_per_token=2.0 * macs,
             peak_rss_mb=self.peak_rss_mb,
-            gpu_peak_allocated_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None,
+            gpu_peak_allocated_mb=self.gpu_peak_mb,
             energy_j_per_token=energy,
             pack_choices=pack_choices or {},
             decode_s_rounds=list(self.decode_s),
@@ -254,9 +297,32 @@ def measure_generation(model: nn.Module, variant: str = "dense", *, prompt_len: 
     return run.result(variant, pack_choices)
 
 
-def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int = 1, prompt_len: int = 128,
+def _prepare_variant(candidate: nn.Module, variant: str, device: torch.device, batch_size: int,
+                     progress: bool) -> dict:
+    """Turn the dense copy `candidate` (already on `device`) into `variant` in place; returns the
+    per-layer choices, or raises SparselmError when the variant cannot run here."""
+    from sparselm.pack.auto import pack
+
+    if variant == "2:4":
+        if device.type != "cuda":
+            raise SparselmError("the 2:4 variant runs PyTorch's semi-structured kernels, which need a CUDA GPU; "
+                                "on CPU the 2:4 layout runs as variant nm")
+        from sparselm.pack.semi_structured import to_semi_structured
+
+        report = to_semi_structured(candidate)
+        if not report.converted:
+            reasons = sorted(set(report.kept_dense.values()))
+            raise SparselmError(f"no layer could use the 2:4 kernels ({'; '.join(reasons)[:300]})")
+        return {"2:4": len(report.converted), "dense": len(report.kept_dense)}
+    if device.type != "cpu":
+        raise SparselmError(f"variant {variant} runs sparselm's CPU kernels; on {device.type} use the "
+                            "2:4 variant (or --device cpu)")
+    return pack(candidate, variant, batch_size=batch_size, progress=progress).counts()
+
+
+def compare_generation(model: nn.Module, variants=None, *, batch_size: int = 1, prompt_len: int = 128,
                        new_tokens: int = 64, repeats: int = 3, progress: bool = True,
-                       runtime: str = "transformers") -> dict:
+                       runtime: str = "transformers", device: str | torch.device | None = None) -> dict:
     """Dense vs each packed variant, same prompts, same process. `model` is not modified.
 
     The variants are timed in interleaved rounds (dense, auto, csr, ..., then again), so a
@@ -267,10 +333,16 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
     `runtime`: "transformers" (the model's own forward and cache) or "lean" (`LeanDecoder`: the
     same modules, a preallocated cache and no framework bookkeeping; Llama-family models; its
     greedy decode loop runs in C++ when the whole step does).
+    `device`: where every variant runs (default: where `model` is). On CUDA the variants are
+    dense and "2:4" (2:4-sparse linears through PyTorch's semi-structured kernels); the CPU
+    packed formats are skipped there with the reason.
     """
     from sparselm.kernels.extension import extension_status
-    from sparselm.pack.auto import pack
 
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    variants = tuple(variants) if variants is not None else default_variants(device)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SparselmError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
@@ -280,10 +352,10 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
         raise SparselmError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     runs, choices, skipped = {}, {}, {}
     for variant in variants:
-        candidate = densify(copy.deepcopy(model))
+        candidate = densify(copy.deepcopy(model)).to(device)
         if variant != "dense":
             try:
-                choices[variant] = pack(candidate, variant, batch_size=batch_size, progress=progress).counts()
+                choices[variant] = _prepare_variant(candidate, variant, device, batch_size, progress)
             except SparselmError as err:
                 skipped[variant] = str(err)
                 continue
@@ -292,8 +364,10 @@ def compare_generation(model: nn.Module, variants=VARIANTS, *, batch_size: int =
         for run in runs.values():
             run.run_once()
     results = [asdict(run.result(variant, choices.get(variant))) for variant, run in runs.items()]
-    meter = EnergyMeter(str(next(model.parameters()).device))
-    return {"results": results, "skipped": skipped, "kernels": extension_status(),
+    meter = EnergyMeter(str(device))
+    kernels = extension_status() if device.type == "cpu" else \
+        f"{torch.cuda.get_device_name(device)}; 2:4 through torch.sparse semi-structured tensors"
+    return {"results": results, "skipped": skipped, "kernels": kernels, "device": str(device),
             "threads": torch.get_num_threads(), "batch_size": batch_size, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeats": repeats, "timing": "best of repeats, variants interleaved",
             "runtime": runtime,

@@ -8,8 +8,13 @@ import os
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure generation speed and memory, dense vs packed variants")
     p.add_argument("model", help="a local HF model folder, a packed folder, or a built-in name (tiny, small)")
-    p.add_argument("--variants", default="dense,auto,csr,bitmask,nm",
-                   help="comma-separated: dense, auto, csr, bitmask, nm (default: all; nm only if 2:4)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated: dense, auto, csr, bitmask, nm, 2:4 (default on CPU: dense and the CPU "
+                        "formats, nm only if 2:4; on CUDA: dense and 2:4, PyTorch's semi-structured kernels)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default; sparselm's kernels) or cuda (dense vs 2:4)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="cast the model first (default: as loaded; the 2:4 kernels want bf16 or fp16)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode (default 64)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
@@ -48,13 +53,18 @@ def run(args: argparse.Namespace) -> int:
     from sparselm.bench.generation import compare_generation, generation_table
     from sparselm.io import load
 
+    from sparselm.cli.common import resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     model, _ = load(args.model)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.dtype:
+        model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     summary = compare_generation(model, variants, batch_size=args.batch_size, prompt_len=args.prompt_len,
                                  new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.json,
-                                 runtime=args.runtime)
+                                 runtime=args.runtime, device=device)
     summary["model"] = str(args.model)
     summary["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     if args.json:

@@ -264,6 +264,10 @@ def dispatch(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts, metho
     if method == "sorted":
         return dispatch_sorted(x_TD, routing, experts)
     if method == "grouped_mm":
+        if not _grouped_mm_works(x_TD.device.type, x_TD.dtype):
+            from sparselm.errors import SparselmError
+            raise SparselmError(f"torch._grouped_mm does not run on {x_TD.device.type} in {x_TD.dtype} with this "
+                                f"PyTorch ({torch.__version__}); use dispatch method 'auto' or 'sorted'")
         return dispatch_sorted(x_TD, routing, experts, use_grouped_mm=True)
     if method == "naive":
         return dispatch_naive(x_TD, routing, experts)

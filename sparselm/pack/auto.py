@@ -93,9 +93,13 @@ class PackReport:
         return self.table()
 
 
+LM_HEAD_MIN_ZEROS = 0.1  # fraction of zeros that marks the LM head as pruned
+
+
 def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Fully qualified name -> linear module: the decoder blocks' linears, and the LM head when
-    it holds zeros (pruned with `lm_head=True`) and is not tied to the input embedding."""
+    it was pruned (`lm_head=True`: at least `LM_HEAD_MIN_ZEROS` of it is zero; a dense head with
+    a few stray zeros stays out) and is not tied to the input embedding."""
     from sparselm.adapters import get_adapter
     from sparselm.adapters.base import LINEAR_TYPES, linear_weight
 
@@ -109,7 +113,7 @@ def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
     try:
         head = adapter.lm_head(model)
         sparse_head = isinstance(head, LINEAR_TYPES) and id(head) in names and not adapter.lm_head_tied(model) \
-            and bool((linear_weight(head) == 0).any())
+            and (linear_weight(head) == 0).float().mean().item() >= LM_HEAD_MIN_ZEROS
     except (AttributeError, SparselmError):  # an adapter that does not know them: blocks only
         sparse_head = False
     if sparse_head:

@@ -142,3 +142,23 @@ def test_translation_invariance_flags_are_true():
         assert torch.equal(p.allows(q + 17, k + 17), p.allows(q, k)), p.spec()
     assert not (SlidingWindow(4) | Sinks(2)).translation_invariant
     assert not Pattern.translation_invariant
+
+
+@pytest.mark.parametrize("pattern", [
+    GlobalTokens((0, 5)) | SlidingWindow(4),
+    RandomBlocks(block=4, count=1),
+    BlockSparse(torch.ones(4, 4, dtype=torch.bool), block=4),
+], ids=["global", "random", "blocksparse"])
+def test_lookup_tables_are_copied_to_the_device_once(pattern):
+    # A compiled FlexAttention mask on a GPU cannot copy a CPU table inside its graph: the
+    # tables must already be on the device (the "meta" device stands in for the GPU here).
+    pattern.prepare(16)
+    probe = torch.zeros(1, dtype=torch.int32, device="meta")
+    pattern.allows(probe, probe)
+    parts = getattr(pattern, "parts", (pattern,))
+    copies = [c for p in parts for c in getattr(p, "_device_copies", {}).values()]
+    assert copies and all(c.device.type == "meta" for c in copies)
+    before = [id(c) for c in copies]
+    pattern.allows(probe, probe + 3)
+    assert [id(c) for p in parts for c in getattr(p, "_device_copies", {}).values()] == before  # reused
+    assert pattern.mask(16).equal(pattern.mask(16))  # CPU evaluation unchanged

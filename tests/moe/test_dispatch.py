@@ -92,3 +92,18 @@ def test_expert_forward_by_hand():
     silu2 = 2.0 / (1.0 + torch.exp(torch.tensor(-2.0, dtype=torch.float64)))
     assert torch.allclose(experts.expert(0, x), 0.5 * silu2 * 3.0)
     assert torch.allclose(experts.forward_every_expert(x)[0], 0.5 * silu2 * 3.0)
+
+
+def test_grouped_mm_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    import importlib
+
+    from sparselm.errors import SparselmError
+
+    dispatch_module = importlib.import_module("sparselm.moe.dispatch")  # the package exports a function of that name
+
+    monkeypatch.setattr(dispatch_module, "_grouped_mm_works", lambda device_type, dtype: False)
+    layer = _layer(ROUTER_SETTINGS["topk_renorm"], None)
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    with pytest.raises(SparselmError, match="use dispatch method 'auto' or 'sorted'"):
+        _grads(layer, x, "grouped_mm")
+    _grads(layer, x, "auto")  # auto falls back to the per-expert slices

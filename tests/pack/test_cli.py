@@ -48,3 +48,22 @@ def test_pack_refuses_existing_output(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main(["pack", "tiny", "--out", str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_bench_two_four_variant_needs_a_gpu(capsys):
+    from sparselm.bench.generation import compare_generation, default_variants
+
+    from .helpers import pruned_llama
+
+    assert "2:4" not in default_variants("cpu") and default_variants("cuda") == ("dense", "2:4")
+    summary = compare_generation(pruned_llama(pattern="2:4"), ["dense", "nm", "2:4"], prompt_len=4, new_tokens=2,
+                                 repeats=1, progress=False, device="cpu")
+    assert [r["variant"] for r in summary["results"]] == ["dense", "nm"]
+    assert "need a CUDA GPU" in summary["skipped"]["2:4"] and "variant nm" in summary["skipped"]["2:4"]
+
+
+def test_bench_refuses_cuda_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        return
+    assert main(["bench", "tiny", "--device", "cuda", "--json"]) == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err

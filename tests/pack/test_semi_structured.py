@@ -46,3 +46,55 @@ def test_two_four_layers_run_sparse_on_gpu():
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
+
+
+def _two_four_llama(hidden=256, intermediate=512, dtype=torch.float16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).cuda().eval()
+    for module in model.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight.data.reshape(module.weight.shape[0], -1, 4)
+            keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, -1).indices, True)
+            module.weight.data = (w * keep).reshape_as(module.weight)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unsupported_layers_stay_dense_with_a_reason():
+    model = _two_four_llama(dtype=torch.bfloat16)
+    layer = model.model.layers[0]
+    layer.mlp.up_proj.weight.data[0, :4] = 1.0  # 4 non-zeros in one group: not 2:4 any more
+    layer.mlp.down_proj = torch.nn.Linear(512, 200, bias=False, dtype=torch.bfloat16, device="cuda")  # odd shape
+    layer.self_attn.q_proj.weight.data = layer.self_attn.q_proj.weight.data.double()  # unsupported dtype
+    report = to_semi_structured(model)
+    assert "not 2:4" in report.kept_dense["model.layers.0.mlp.up_proj"]
+    assert "not a multiple" in report.kept_dense["model.layers.0.mlp.down_proj"]
+    assert "not supported" in report.kept_dense["model.layers.0.self_attn.q_proj"]
+    assert "model.layers.1.mlp.up_proj" in report.converted and "model.layers.0.mlp.gate_proj" in report.converted
+    converted = model.model.layers[1].mlp.up_proj.weight
+    assert type(converted).__name__.startswith("SparseSemiStructuredTensor")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_generation_bench_runs_two_four_on_gpu(dtype):
+    from sparselm.bench.generation import compare_generation
+
+    model = _two_four_llama(dtype=dtype)
+    summary = compare_generation(model.cpu(), prompt_len=16, new_tokens=4, repeats=1, progress=False,
+                                 device="cuda")
+    rows = {r["variant"]: r for r in summary["results"]}
+    assert set(rows) == {"dense", "2:4"}, summary["skipped"]
+    assert rows["2:4"]["pack_choices"]["2:4"] == 14  # 7 linears in each of the 2 blocks
+    # the kept halves and their metadata: the decoder linears' bytes drop by about 16 bits -> 9 per weight
+    dense_lin, sparse_lin = rows["dense"]["linear_weight_bytes"], rows["2:4"]["linear_weight_bytes"]
+    assert sparse_lin < 0.8 * dense_lin
+    assert rows["2:4"]["flops_per_token"] < rows["dense"]["flops_per_token"]
+    assert rows["dense"]["gpu_peak_allocated_mb"] > 0 and rows["2:4"]["decode_tokens_per_s"] > 0
+    assert summary["device"].startswith("cuda")

@@ -41,6 +41,8 @@ def pattern_block_mask(pattern: Pattern, tq: int, tk: int, q_offset: int, device
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key]
     pattern.prepare(max(tk, tq + q_offset))
+    probe = torch.zeros(1, dtype=torch.int32, device=device)
+    pattern.allows(probe, probe)  # eagerly: lookup tables are copied to `device` before the mask is compiled
 
     def mask_mod(b, h, q_idx, kv_idx):
         return pattern.allows(q_idx + q_offset, kv_idx)
