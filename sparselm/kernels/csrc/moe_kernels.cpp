@@ -36,6 +36,12 @@ inline void store16(at::BFloat16* p, __m512 v, __mmask16 k) {
   rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(rounded));
 }
+
+// gate_sigmoid8's 16-lane twin (below): 0 where e^-g overflows fp32, as PyTorch's sigmoid.
+inline __m512 gate_sigmoid16(__m512 g) {
+  const __mmask16 finite_exp = _mm512_cmp_ps_mask(g, _mm512_set1_ps(-88.7f), _CMP_GE_OQ);  // false for NaN
+  return _mm512_maskz_mov_ps(finite_exp, sigmoid16(g));
+}
 #endif
 
 #if SPARSELM_AVX2
@@ -69,7 +75,7 @@ void swiglu_range(const T* h, T* act, int64_t F, int64_t lo, int64_t hi) {
       const int count = (int)std::min<int64_t>(16, end - j);
       const __m512 gv = load_values(g + j, count);
       const __m512 uv = load_values(u + j, count);
-      store16(a + j, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv), tail_mask(end - j));
+      store16(a + j, _mm512_mul_ps(_mm512_mul_ps(gv, gate_sigmoid16(gv)), uv), tail_mask(end - j));
     }
 #elif SPARSELM_AVX2
     for (; j < end; j += 8) {
@@ -106,7 +112,7 @@ void swiglu_backward_range(const T* h, const T* grad_act, T* grad_h, int64_t F, 
       const __m512 gv = load_values(g + j, count);
       const __m512 uv = load_values(u + j, count);
       const __m512 dav = load_values(da + j, count);
-      const __m512 s = sigmoid16(gv);
+      const __m512 s = gate_sigmoid16(gv);
       const __m512 gs = _mm512_mul_ps(gv, s);
       store16(du + j, _mm512_mul_ps(dav, gs), k);
       const __m512 dsilu = _mm512_fmadd_ps(gs, _mm512_sub_ps(one, s), s);  // s + g s (1 - s)
