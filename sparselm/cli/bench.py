@@ -73,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         print(generation_table(summary))
+        if any(r["variant"] == "2:4" for r in summary["results"]):
+            print("The 2:4 variant runs eagerly here: PyTorch sets cuSPARSELt up on every sparse product (measured "
+                  "0.7-0.9 ms of CPU per call on an H200 with PyTorch 2.11), so its decode is launch-bound; the "
+                  "kernels themselves pay at prefill-sized products inside CUDA graphs "
+                  "(benchmarks/bench_semi_structured.py).")
         if (summary["omp_wait_policy"] or "").lower() == "passive" and torch.get_num_threads() > 1:
             print("OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=passive, robust on "
                   "shared cores), so multi-threaded decoding pays a wake-up per parallel region at small batch "

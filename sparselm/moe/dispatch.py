@@ -255,11 +255,15 @@ def dispatch_naive(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts)
 
 def dispatch(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts, method: str = "auto") -> torch.Tensor:
     """Dispatch by name: "sorted" (per-expert slices), "grouped_mm", "naive", or "auto":
-    per-expert slices on CPU, `torch._grouped_mm` on other devices where it runs for the
-    dtype. On CPU the two measured alike in fp32 (benchmarks/bench_moe_dispatch.py, new
-    routing every step, 1 and 2 threads) and the slices 2-15% faster in bf16."""
+    `torch._grouped_mm` where it runs for the device and dtype, except in 16-bit types on CPU,
+    where the per-expert slices run. On CPU (benchmarks/bench_moe_dispatch.py, forward +
+    backward, new routing every step) grouped_mm was as fast as the slices in fp32 on two
+    machines (Intel AVX-512, AMD AVX2; 1 and 2 threads) and faster on a third (AMD AVX-512:
+    0.92x vs 1.02x the dense MLP's time on 1 thread, 0.94x vs 0.98x on 2); in bf16 the slices
+    were 2-15% faster on the first and within noise on the third."""
     if method == "auto":
-        method = ("grouped_mm" if x_TD.device.type != "cpu" and _grouped_mm_works(x_TD.device.type, x_TD.dtype)
+        sixteen_bit_cpu = x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
+        method = ("grouped_mm" if not sixteen_bit_cpu and _grouped_mm_works(x_TD.device.type, x_TD.dtype)
                   else "sorted")
     if method == "sorted":
         return dispatch_sorted(x_TD, routing, experts)
