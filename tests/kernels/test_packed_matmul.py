@@ -189,3 +189,31 @@ def test_csr_index_width_follows_in_features(kernel_path, in_f, dtype):
         from sparselm.kernels import load_extension
 
         assert torch.equal(load_extension().csr_to_dense(t["crow_indices"], t["col_indices"], t["values"], in_f, 6), w)
+
+
+@pytest.mark.parametrize("in_f", [6144, 6145, 11008])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csr_long_rows_and_unsorted_columns(kernel_path, in_f, dtype):
+    """Batch 1 with inputs larger than the L1 cache (rows of up to 11008 columns), columns at
+    every 4096-column edge, empty rows, and rows whose columns are not sorted (a file written by
+    another tool) all give the dense masked product."""
+    w = masked_weight(9, in_f, 0.9, dtype, seed=5)
+    chunks = -(-in_f // 4096)
+    width = -(-in_f // chunks)
+    for edge in range(width, in_f, width):
+        w[:4, edge - 1: edge + 1] = 0.25  # the last column of a chunk and the first of the next
+    w[5] = 0  # an empty row
+    x = torch.randn(1, in_f).to(dtype)
+    expected = x.float() @ w.float().t()
+    tol = dict(rtol=2e-2, atol=1e-3) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    t = formats.pack_csr(w)
+    got = ops.csr_matmul(x, t["crow_indices"], t["col_indices"], t["values"], in_f, 9)
+    torch.testing.assert_close(got.float(), expected, **tol)
+    crow, cols, vals = t["crow_indices"], t["col_indices"].clone(), t["values"].clone()
+    g = torch.Generator().manual_seed(0)
+    for r in range(9):  # shuffle every row's slots (columns and values together)
+        a, b = int(crow[r]), int(crow[r + 1])
+        perm = torch.randperm(b - a, generator=g) + a
+        cols[a:b], vals[a:b] = cols[perm].clone(), vals[perm].clone()
+    got = ops.csr_matmul(x, crow, cols, vals, in_f, 9)
+    torch.testing.assert_close(got.float(), expected, **tol)
