@@ -106,3 +106,23 @@ def test_backend_choice_and_errors():
         reference_attention(q[:, :3], k, v, SlidingWindow(2))
     out, ran = sparse_attention(q, k, v, SlidingWindow(2))
     assert ran == "blocked" and out.shape == q.shape
+
+
+def test_block_mask_builder_follows_the_pytorch_api(monkeypatch):
+    """Compiled masks go through create_block_mask's `_compile` flag where PyTorch has it, and
+    through torch.compile where a later PyTorch has dropped the flag."""
+    from sparselm.attention.backends import flex
+
+    monkeypatch.setattr(flex, "_COMPILED", {})
+    monkeypatch.setattr(flex.torch, "compile", lambda fn: ("compiled", fn))
+
+    def without_flag(mask_mod, B, H, q_len, kv_len, device=None):
+        return "mask"
+
+    def with_flag(mask_mod, B, H, q_len, kv_len, device=None, _compile=False):
+        return _compile
+
+    assert flex._block_mask_builder(without_flag, False) is without_flag
+    assert flex._block_mask_builder(without_flag, True) == ("compiled", without_flag)
+    assert flex._block_mask_builder(with_flag, True)(None, None, None, 1, 1) is True
+    assert flex._block_mask_builder(with_flag, False)(None, None, None, 1, 1) is False

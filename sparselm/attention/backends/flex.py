@@ -47,12 +47,32 @@ def pattern_block_mask(pattern: Pattern, tq: int, tk: int, q_offset: int, device
     def mask_mod(b, h, q_idx, kv_idx):
         return pattern.allows(q_idx + q_offset, kv_idx)
 
-    # _compile=True builds the mask without materialising [Tq, Tk] (seconds and GBs at 16k otherwise)
-    block_mask = create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=compiled)
+    # compiled, the mask is built without materialising [Tq, Tk] (seconds and GBs at 16k otherwise)
+    block_mask = _block_mask_builder(create_block_mask, compiled)(mask_mod, None, None, tq, tk, device=device)
     _BLOCK_MASKS[key] = block_mask
     if len(_BLOCK_MASKS) > _MAX_CACHED_MASKS:
         _BLOCK_MASKS.popitem(last=False)
     return block_mask
+
+
+def _block_mask_builder(create_block_mask, compiled: bool):
+    """`create_block_mask`, compiled when asked: through its `_compile` flag where this PyTorch
+    has it (deprecated since 2.11, which asks for torch.compile instead), else torch.compile'd."""
+    import functools
+    import inspect
+    import warnings
+
+    if not compiled:
+        return create_block_mask
+    if "_compile" in inspect.signature(create_block_mask).parameters:
+        def build(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*_compile.*", category=DeprecationWarning)
+                return create_block_mask(*args, _compile=True, **kwargs)
+        return functools.wraps(create_block_mask)(build)
+    if create_block_mask not in _COMPILED:
+        _COMPILED[create_block_mask] = torch.compile(create_block_mask)
+    return _COMPILED[create_block_mask]
 
 
 def _flex_function(compiled: bool):
