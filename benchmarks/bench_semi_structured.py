@@ -39,6 +39,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from sparselm.bench.generation import tensor_bytes
+
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 BATCHES = (1, 16, 128, 1024, 4096, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,12 +64,6 @@ def sparse_backends() -> dict:
     if hasattr(ts, "SparseSemiStructuredTensorCUTLASS"):
         backends["cutlass"] = ts.SparseSemiStructuredTensorCUTLASS.from_dense
     return backends
-
-
-def compressed_bytes(tensor) -> int:
-    from sparselm.bench.generation import tensor_bytes
-
-    return tensor_bytes(tensor)
 
 
 class GraphTimer:
@@ -133,7 +129,7 @@ def bench_layer(out_f: int, in_f: int, batch: int, dtype: torch.dtype, backends:
         if err > 2e-2:
             row[f"{name}_error"] = f"output differs from the dense masked product (relative error {err:.3g})"
             continue
-        row[f"{name}_bytes"] = compressed_bytes(sparse[0])
+        row[f"{name}_bytes"] = tensor_bytes(sparse[0])
         timers[name] = GraphTimer(lambda i, s=sparse: F.linear(x, s[i]), copies, laps=max(1, 16 // copies))
     times = {name: [] for name in timers}
     for _ in range(rounds):  # interleaved: clocks and neighbours drift alike for all
@@ -238,6 +234,15 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    try:
+        hidden, layers = (int(v) for v in ("1024x2" if args.quick else args.e2e_shape).lower().split("x"))
+        e2e_batches = [int(b) for b in args.e2e_batches.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--e2e-shape takes HIDDENxLAYERS (e.g. 4096x8) and --e2e-batches comma-separated integers; "
+                     f"got {args.e2e_shape!r} and {args.e2e_batches!r}")
+    if hidden % 128 or layers < 1 or not e2e_batches or min(e2e_batches) < 1:
+        parser.error(f"--e2e-shape {args.e2e_shape}: hidden must be a multiple of 128 (head dim) and layers >= 1; "
+                     f"--e2e-batches must be >= 1")
     if not torch.cuda.is_available():
         print("2:4 semi-structured kernels need a CUDA GPU and none is available here; the CPU sparse kernels "
               "are measured by bench_kernels.py and bench_generation.py")
@@ -296,12 +301,11 @@ def main() -> int:
     if not args.no_e2e:
         from sparselm.bench.generation import compare_generation, generation_table
 
-        hidden, layers = (int(v) for v in ("1024x2" if args.quick else args.e2e_shape).lower().split("x"))
         intermediate = 11008 if hidden == 4096 else int(hidden * 2.6875) // 64 * 64
         model = random_llama_two_four(hidden, layers, intermediate, torch.bfloat16)
         params = sum(p.numel() for p in model.parameters())
         summary["e2e"] = {"shape": f"{hidden}x{layers}", "intermediate": intermediate, "params": params, "runs": {}}
-        for batch in (int(b) for b in args.e2e_batches.split(",")):
+        for batch in e2e_batches:
             result = compare_generation(model, ("dense", "2:4"), batch_size=batch, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats, progress=False,
                                         device="cuda")

@@ -29,9 +29,9 @@ from torch import nn
 from sparselm.bench.energy import EnergyMeter
 from sparselm.errors import SparselmError
 
-VARIANTS = ("dense", "auto", "csr", "bitmask", "nm", "2:4")
 CPU_VARIANTS = ("dense", "auto", "csr", "bitmask", "nm")  # the packed formats run by the CPU kernels
 GPU_VARIANTS = ("dense", "2:4")  # "2:4": PyTorch's semi-structured tensors (cuSPARSELt / CUTLASS)
+VARIANTS = CPU_VARIANTS + GPU_VARIANTS[1:]
 
 
 def default_variants(device: str | torch.device) -> tuple[str, ...]:
@@ -82,8 +82,7 @@ def resident_weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers, shared storages counted once."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        parts = _semi_structured_parts(tensor)
-        if parts is not None:
+        if _semi_structured_parts(tensor) is not None:  # a wrapper without a storage of its own
             total += tensor_bytes(tensor)
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))

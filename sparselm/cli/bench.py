@@ -51,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparselm.bench.generation import compare_generation, generation_table
-    from sparselm.io import load
-
     from sparselm.cli.common import resolve_device
+    from sparselm.io import load
 
     if args.threads:
         torch.set_num_threads(args.threads)

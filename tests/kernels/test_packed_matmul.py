@@ -198,10 +198,8 @@ def test_csr_long_rows_and_unsorted_columns(kernel_path, in_f, dtype):
     every 4096-column edge, empty rows, and rows whose columns are not sorted (a file written by
     another tool) all give the dense masked product."""
     w = masked_weight(9, in_f, 0.9, dtype, seed=5)
-    chunks = -(-in_f // 4096)
-    width = -(-in_f // chunks)
-    for edge in range(width, in_f, width):
-        w[:4, edge - 1: edge + 1] = 0.25  # the last column of a chunk and the first of the next
+    for edge in range(4096, in_f, 4096):
+        w[:4, edge - 1: edge + 1] = 0.25  # both sides of every 4096-column edge
     w[5] = 0  # an empty row
     x = torch.randn(1, in_f).to(dtype)
     expected = x.float() @ w.float().t()

@@ -115,3 +115,18 @@ def test_dense_or_tied_lm_head_is_not_packed():
     model = pruned_llama(0.7)
     pack(model, "bitmask", progress=False)
     assert isinstance(model.lm_head, torch.nn.Linear)  # untied but dense: not a packing candidate
+
+
+def test_lm_head_with_a_few_stray_zeros_is_not_a_candidate():
+    """A dense head holding some exact zeros (below 10%) is not packed, so an N:M pack of the
+    blocks does not fail on it; from 10% zeros it counts as pruned."""
+    from sparselm.pack.auto import packable_layers
+
+    model = pruned_llama(pattern="2:4")
+    model.lm_head.weight.data[:, :3] = 0  # 3 of 64 columns: ~5% zeros
+    assert "lm_head" not in packable_layers(model)
+    pack(model, "nm", progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    model = pruned_llama(pattern="2:4")
+    model.lm_head.weight.data[:, :7] = 0  # ~11% zeros
+    assert "lm_head" in packable_layers(model)

@@ -58,7 +58,6 @@ def pattern_block_mask(pattern: Pattern, tq: int, tk: int, q_offset: int, device
 def _block_mask_builder(create_block_mask, compiled: bool):
     """`create_block_mask`, compiled when asked: through its `_compile` flag where this PyTorch
     has it (deprecated since 2.11, which asks for torch.compile instead), else torch.compile'd."""
-    import functools
     import inspect
     import warnings
 
@@ -69,7 +68,7 @@ def _block_mask_builder(create_block_mask, compiled: bool):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*_compile.*", category=DeprecationWarning)
                 return create_block_mask(*args, _compile=True, **kwargs)
-        return functools.wraps(create_block_mask)(build)
+        return build
     if create_block_mask not in _COMPILED:
         _COMPILED[create_block_mask] = torch.compile(create_block_mask)
     return _COMPILED[create_block_mask]
