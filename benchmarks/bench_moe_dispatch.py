@@ -1,4 +1,4 @@
-"""MoE dispatch speed: forward + backward of one MoE layer on CPU, fp32 and bf16.
+"""MoE dispatch speed: forward + backward of one MoE layer on CPU (or a GPU), fp32 and bf16.
 
 Shapes from the issue: 4096 tokens, d=512, 8 experts top-2, expert hidden 1408.
 Compared in the same run against
@@ -23,6 +23,7 @@ keep them, which is what a tuned allocator (jemalloc, tcmalloc) gives, and the s
 process reports. Prints a Markdown table, then one JSON line.
 
     python benchmarks/bench_moe_dispatch.py [--tokens 4096] [--rounds 7] [--threads N] [--warmup 30] [--fixed-routing]
+                                           [--device cuda]
 """
 from __future__ import annotations
 
@@ -52,14 +53,15 @@ class FusedDenseSwiGLU(torch.nn.Module):
         return self.dense.down(SwiGLUFn.apply(self.dense.gate_up(x).flatten(0, -2))).view_as(x)
 
 
-def build_candidates(dim: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype) -> dict:
+def build_candidates(dim: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype,
+                     device: str = "cpu") -> dict:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     torch.manual_seed(0)
     candidates = {}
     for method in ("naive", "sorted", "grouped_mm"):
-        if method == "grouped_mm" and not grouped_mm_available("cpu", dtype):
+        if method == "grouped_mm" and not grouped_mm_available(device, dtype):
             continue
         cfg = MoEConfig(hidden_size=dim, expert_hidden=hidden, num_experts=experts, top_k=top_k, dispatch=method)
         candidates[f"moe_{method}"] = MoELayer(cfg).to(dtype)
@@ -77,15 +79,19 @@ def build_candidates(dim: int, hidden: int, experts: int, top_k: int, dtype: tor
         mixtral.experts.gate_up_proj.copy_(candidates["moe_sorted"].experts.gate_up_E2FD)
         mixtral.experts.down_proj.copy_(candidates["moe_sorted"].experts.down_EDF)
     candidates["mixtral_hf"] = mixtral
-    return candidates
+    return {name: module.to(device) for name, module in candidates.items()}
 
 
 def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     module.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = module(x)
     out.backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -93,30 +99,36 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIXED_SHAPE_METHODS = ("moe_naive", "dense_swiglu", "dense_fused")  # same matmul shapes every step
 
 
-def fresh_inputs(seed: int, tokens: int, dim: int, dtype: torch.dtype):
+def fresh_inputs(seed: int, tokens: int, dim: int, dtype: torch.dtype, device: str = "cpu"):
     """An endless stream of new [1, T, D] inputs (untimed): every step routes differently,
     as in training, so the experts' row counts change from step to step."""
     gen = torch.Generator().manual_seed(seed)
     while True:
-        yield torch.randn(1, tokens, dim, generator=gen).to(dtype)
+        yield torch.randn(1, tokens, dim, generator=gen).to(device, dtype)
 
 
 def bench_dtype(args, dtype: torch.dtype) -> dict[str, list[float]]:
-    candidates = build_candidates(args.dim, args.hidden, args.experts, args.top_k, dtype)
+    candidates = build_candidates(args.dim, args.hidden, args.experts, args.top_k, dtype, args.device)
     torch.manual_seed(1)
-    grad = torch.randn(1, args.tokens, args.dim, dtype=dtype)
+    grad = torch.randn(1, args.tokens, args.dim, dtype=dtype).to(args.device)
     streams = {}
     for i, (name, module) in enumerate(candidates.items()):  # warm-up (allocator, oneDNN primitives)
-        streams[name] = fresh_inputs(1000 * i, args.tokens, args.dim, dtype)
+        streams[name] = fresh_inputs(1000 * i, args.tokens, args.dim, dtype, args.device)
         fixed_shapes = name in FIXED_SHAPE_METHODS
         for _ in range(min(args.warmup, 3) if fixed_shapes else args.warmup):
             step(module, next(streams[name]), grad)
     if args.fixed_routing:  # the same input every step: per-shape set-up costs paid once
-        fixed = next(fresh_inputs(1, args.tokens, args.dim, dtype))
+        fixed = next(fresh_inputs(1, args.tokens, args.dim, dtype, args.device))
         streams = {name: iter(lambda: fixed, None) for name in candidates}
     samples = alternating_rounds({name: (lambda m=module, s=streams[name]: step(m, next(s), grad))
                                   for name, module in candidates.items()}, args.rounds)
     return {name: [v * 1e3 for v in t] for name, t in samples.items()}
+
+
+def _where(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> dict:
@@ -135,6 +147,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtypes", default="fp32,bf16",
                         help="comma-separated, of fp32 and bf16 (default both; bf16 matmuls are slow on CPUs "
                              "without native bf16 (AVX512-BF16 / AMX), where the bf16 run takes much longer)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the issue's target) or cuda: on a GPU each step ends in a synchronize")
     parser.add_argument("--fixed-routing", action="store_true",
                         help="time every step on the same input (default: a new input, so new routing, each step)")
     args = parser.parse_args(argv)
@@ -143,11 +157,13 @@ def main(argv=None) -> dict:
         parser.error(f"unknown dtype(s) {unknown} in --dtypes; use fp32 and/or bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU and a CUDA build of PyTorch; this one has none")
 
     results = {}
     print(f"MoE dispatch, forward+backward, T={args.tokens} D={args.dim} E={args.experts} "
           f"K={args.top_k} F={args.hidden}, dense F={args.top_k * args.hidden}, "
-          f"{'fixed' if args.fixed_routing else 'new'} routing each step, {torch.get_num_threads()} threads, torch {torch.__version__} (dense baseline: torch default CPU GEMM); "
+          f"{'fixed' if args.fixed_routing else 'new'} routing each step, {_where(args.device)}, torch {torch.__version__} (dense baseline: torch's default GEMM); "
           f"glibc MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}\n")
     print("| dtype | method | ms | speedup vs naive | time / dense | time / dense_fused | time / mixtral_hf |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -166,7 +182,7 @@ def main(argv=None) -> dict:
                   f"{row['time_vs_dense']:.2f} | {row['time_vs_dense_fused']:.2f} | {row['time_vs_mixtral']:.2f} |")
     summary = {"benchmark": "moe_dispatch", "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
                "top_k": args.top_k, "hidden": args.hidden, "threads": torch.get_num_threads(),
-               "fixed_routing": args.fixed_routing, "warmup": args.warmup, "rounds": args.rounds,
+               "device": _where(args.device), "fixed_routing": args.fixed_routing, "warmup": args.warmup, "rounds": args.rounds,
                "malloc_mmap_max": os.environ.get("MALLOC_MMAP_MAX_"), "results": results}
     print(json.dumps(summary))
     return summary

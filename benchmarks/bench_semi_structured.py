@@ -15,17 +15,19 @@ checked against the dense masked one first.
 End to end: a randomly initialised Llama (default hidden 4096, 8 layers, MLP 11008; decode
 speed does not depend on what the weights learned), every decoder linear pruned 2:4 by
 magnitude, bf16, through `sparselm.bench.generation.compare_generation(device="cuda")`: prefill
-and decode tokens/s, weight memory, peak allocated memory and energy (NVML) of dense vs 2:4.
-That forward runs eagerly, and eagerly every 2:4 product pays a CPU set-up before its kernel
-is queued: the eager section times one 4096x4096 product per call (wall time, and the time to
-enqueue it alone) for dense, the semi-structured `F.linear` and `torch._cslt_sparse_mm` called
-directly. Measured on an H200 with PyTorch 2.11: 0.7-0.9 ms per 2:4 call against about 25 us
+and decode tokens/s, weight memory, peak allocated memory and energy (NVML) of dense vs 2:4,
+in two runtimes (`--runtimes`): sparselm's lean loop, whose prefill and decode steps run as
+CUDA graphs on a GPU (`LeanDecoder`), and the transformers forward, eager. Eagerly every 2:4
+product pays a CPU set-up before its kernel is queued: the eager section times one 4096x4096
+product per call (wall time, and the time to enqueue it alone) for dense, the semi-structured
+`F.linear` and `torch._cslt_sparse_mm` called directly. Measured on an H200 with PyTorch 2.11: 0.7-0.9 ms per 2:4 call against about 25 us
 dense, so end to end the 2:4 model was 0.16x dense at batch 1: the kernels only pay inside CUDA
 graphs, at prefill-sized products (see benchmarks/RESULTS.md).
 
     python benchmarks/bench_semi_structured.py              # layers + end to end (GPU, ~3 min)
     python benchmarks/bench_semi_structured.py --quick      # one shape, fewer batches, small model
     python benchmarks/bench_semi_structured.py --no-e2e
+    python benchmarks/bench_semi_structured.py --no-layers --runtimes lean   # end to end in CUDA graphs only
 
 Prints Markdown tables, then one JSON line. Without a CUDA GPU it says so in that JSON line and
 exits 0 (the CPU kernels are measured by bench_kernels.py and bench_generation.py).
@@ -226,6 +228,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape, batches 1/128/4096, a 2-layer model")
     parser.add_argument("--no-e2e", action="store_true", help="layers only")
+    parser.add_argument("--no-layers", action="store_true", help="end to end (and the eager-call costs) only")
+    parser.add_argument("--runtimes", default="lean,transformers",
+                        help="end-to-end runtimes, comma-separated: lean (sparselm's decode loop, every step a "
+                             "CUDA graph) and/or transformers (the model's own forward, eager)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per layer row (median)")
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--e2e-shape", default="4096x8", help="HIDDENxLAYERS of the end-to-end Llama")
@@ -243,6 +249,9 @@ def main() -> int:
     if hidden % 128 or layers < 1 or not e2e_batches or min(e2e_batches) < 1:
         parser.error(f"--e2e-shape {args.e2e_shape}: hidden must be a multiple of 128 (head dim) and layers >= 1; "
                      f"--e2e-batches must be >= 1")
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if not runtimes or set(runtimes) - {"lean", "transformers"}:
+        parser.error(f"--runtimes takes lean and/or transformers, comma-separated; got {args.runtimes!r}")
     if not torch.cuda.is_available():
         print("2:4 semi-structured kernels need a CUDA GPU and none is available here; the CPU sparse kernels "
               "are measured by bench_kernels.py and bench_generation.py")
@@ -254,7 +263,7 @@ def main() -> int:
         parser.error(f"--dtypes takes {', '.join(DTYPES)}; got {bad}")
     torch.backends.cuda.matmul.allow_tf32 = False
     backends = sparse_backends()
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = [] if args.no_layers else SHAPES[:1] if args.quick else SHAPES
     batches = (1, 128, 4096) if args.quick else BATCHES
     print(f"# 2:4 semi-structured vs dense on {torch.cuda.get_device_name()} (PyTorch {torch.__version__}; "
           f"sparse layouts: {', '.join(backends) or 'none'})\n")
@@ -266,10 +275,11 @@ def main() -> int:
                 print(f"  {rows[-1]['shape']} {dtype_name} batch {batch}: dense {rows[-1]['dense_us']:.1f} us; " +
                       ", ".join(f"{b} {rows[-1][b + '_speedup']:.2f}x" for b in backends
                                 if b + "_speedup" in rows[-1]), file=sys.stderr, flush=True)
-    print(layer_table(rows, list(backends)))
-    modes = sorted({r[k] for r in rows for k in r if k.endswith("_mode")})
-    print(f"\ntiming: {', '.join(modes)}; median of {args.rounds} interleaved rounds; each row cycles through "
-          f"enough weight copies to exceed {L2_FLUSH_BYTES >> 20} MiB (the L2 holds 50-60 MB)")
+    if rows:
+        print(layer_table(rows, list(backends)))
+        modes = sorted({r[k] for r in rows for k in r if k.endswith("_mode")})
+        print(f"\ntiming: {', '.join(modes)}; median of {args.rounds} interleaved rounds; each row cycles through "
+              f"enough weight copies to exceed {L2_FLUSH_BYTES >> 20} MiB (the L2 holds 50-60 MB)")
     best = {}
     for r in rows:
         for b in backends:
@@ -305,12 +315,13 @@ def main() -> int:
         model = random_llama_two_four(hidden, layers, intermediate, torch.bfloat16)
         params = sum(p.numel() for p in model.parameters())
         summary["e2e"] = {"shape": f"{hidden}x{layers}", "intermediate": intermediate, "params": params, "runs": {}}
-        for batch in e2e_batches:
+        for runtime, batch in ((r, b) for r in runtimes for b in e2e_batches):
             result = compare_generation(model, ("dense", "2:4"), batch_size=batch, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats, progress=False,
-                                        device="cuda")
+                                        device="cuda", runtime=runtime)
+            how = "CUDA graphs (lean loop)" if runtime == "lean" else "eager transformers forward"
             print(f"\n# End to end: random Llama {hidden}x{layers} ({params / 1e9:.2f}B params), bf16, 2:4 by "
-                  f"magnitude, batch {batch}\n")
+                  f"magnitude, batch {batch}, {how}\n")
             print(generation_table(result))
             rows_e2e = {r["variant"]: r for r in result["results"]}
             if "2:4" in rows_e2e:
@@ -322,7 +333,7 @@ def main() -> int:
                 print(f"\n2:4 vs dense: prefill {ratios['prefill']:.2f}x, decode {ratios['decode']:.2f}x, "
                       f"weights {ratios['weights']:.2f}x, peak allocated {ratios['gpu_peak']:.2f}x")
                 result["ratios"] = ratios
-            summary["e2e"]["runs"][str(batch)] = result
+            summary["e2e"]["runs"][f"{runtime}/{batch}"] = result
         del model
     print(json.dumps(summary))
     return 0

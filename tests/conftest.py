@@ -51,3 +51,12 @@ def with_threads(n, fn):
         return fn()
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons on a GPU need true fp32 matmuls (cuBLAS may use TF32 where allowed)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before

@@ -27,6 +27,15 @@ bf16 precision rather than exactly.
 The stack reads the modules' weight tensors in place: build the decoder after the model is final
 (packing or replacing a module afterwards is not seen by an existing decoder).
 
+On a CUDA GPU the loop runs under CUDA graphs (`static_step`, on by default there): eagerly, every
+kernel launch costs the host microseconds, and each product of a 2:4 semi-structured weight a
+cuSPARSELt set-up of most of a millisecond, so a batch-1 step measured the host, not the weights.
+Single-token steps run one captured graph per decoder (static token and position buffers, the
+position read on the device: the cache written with `index_copy_`, attention over the whole
+cache with positions beyond the current one masked out, argmax and the next position in the
+graph too); a prefill from position 0 runs one graph per prompt shape. The same static step runs
+eagerly elsewhere (`static_step=True` on CPU), which is how its values are tested without a GPU.
+
 Supported: the llama, mistral and qwen2 adapter families with full attention (no sliding
 window inside the decoded length), rotary position embeddings computed by the model's own
 rotary module (so every rope scaling variant the model uses is honoured).
@@ -56,7 +65,8 @@ class LeanDecoder:
         dec.reset()                        # start a new sequence
     """
 
-    def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, fast: bool = True):
+    def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, fast: bool = True,
+                 static_step: bool | None = None):
         from sparselm.adapters import get_adapter
 
         adapter = get_adapter(model)
@@ -86,8 +96,15 @@ class LeanDecoder:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=param.device)
         self.max_len, self.batch_size, self.pos = max_len, batch_size, 0
         self._stack_full = False  # embedding, blocks, final norm and LM head all in the C++ step
-        self._stack, self.fast_path_reason = (None, "turned off (fast=False)") if not fast else \
-            self._build_stack(cfg)
+        on_cuda = param.device.type == "cuda"
+        self.static_step = on_cuda if static_step is None else bool(static_step)
+        self.cuda_graphs = self.static_step and on_cuda and fast
+        if self.static_step:
+            self._stack, self.fast_path_reason = None, "static steps (CUDA graphs on a GPU)"
+            self._init_static(cfg)
+        else:
+            self._stack, self.fast_path_reason = (None, "turned off (fast=False)") if not fast else \
+                self._build_stack(cfg)
 
     def _build_stack(self, cfg) -> tuple[object | None, str | None]:
         """The C++ decode stack for single-token steps, or None and the reason it cannot run."""
@@ -149,6 +166,22 @@ class LeanDecoder:
                          "bitmask- or CSR-packed, the embedding and LM head included"
         return stack, None
 
+    def _init_static(self, cfg) -> None:
+        """Buffers of the static step: token ids, the position as a device tensor, the rotary
+        table for every position, and the graphs (captured on first use)."""
+        device = self.k_cache.device
+        positions = torch.arange(self.max_len, device=device).unsqueeze(0)
+        with torch.inference_mode(False), torch.no_grad():
+            probe = torch.zeros(1, self.max_len, cfg.hidden_size, dtype=self.k_cache.dtype, device=device)
+            cos, sin = self.inner.rotary_emb(probe, positions)  # [1, max_len, hd]
+            self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()  # [S, hd]
+            self._ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=device)
+            self._pos = torch.zeros(1, dtype=torch.long, device=device)
+            self._key_pos = torch.arange(self.max_len, device=device)  # [S]
+        self._decode_graph = None
+        self._decode_logits = None
+        self._prefill = {}  # prompt shape -> (graph, ids buffer, logits)
+
     def reset(self) -> None:
         self.pos = 0
 
@@ -161,6 +194,8 @@ class LeanDecoder:
         if end > self.max_len:
             raise SparselmError(f"{end} positions exceed the cache of {self.max_len}; build the decoder with a "
                                 f"larger max_len")
+        if self.static_step:
+            return self._static(ids, start, end)
         if T == 1 and self._stack_full:
             # Embedding, every block, final norm and LM head in one C++ call. No autograd
             # bookkeeping to switch off: the stack's tensors are detached.
@@ -184,6 +219,8 @@ class LeanDecoder:
         if self.pos + steps > self.max_len:
             raise SparselmError(f"{self.pos + steps} positions exceed the cache of {self.max_len}; build the "
                                 f"decoder with a larger max_len")
+        if self.static_step:
+            return self._static_generate(ids, steps)
         if self._stack_full:
             try:
                 out = self._stack.generate(ids, self.pos, steps)
@@ -199,7 +236,7 @@ class LeanDecoder:
         return out
 
     @torch.inference_mode()
-    def _step_modules(self, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _step_modules(self, ids: torch.Tensor, start: int, end: int, advance: bool = True) -> torch.Tensor:
         B, T = ids.shape
         x = self.inner.embed_tokens(ids)  # [B, T, D]
         if T == 1 and self._stack is not None:
@@ -227,8 +264,109 @@ class LeanDecoder:
                                                scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        self.pos = end
+        if advance:
+            self.pos = end
         return self.head(self.inner.norm(x[:, -1:]))[:, -1]  # [B, V]
+
+
+    # ---- static steps (CUDA graphs) -------------------------------------------------------
+
+    @torch.inference_mode()
+    def _static(self, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        B, T = ids.shape
+        if T == 1:
+            self._ids.copy_(ids)
+            self._pos.fill_(start)
+            logits = self._run_decode_step()
+            self.pos = end
+            return logits.clone()
+        if start != 0:  # a chunk after earlier tokens: no graph for that shape
+            return self._step_modules(ids, start, end)
+        entry = self._prefill.get(T)
+        if entry is None:
+            buf = ids.clone()
+            graph, logits = self._capture(lambda: self._step_modules(buf, 0, T, advance=False))
+            entry = self._prefill[T] = (graph, buf, logits)
+        graph, buf, logits = entry
+        buf.copy_(ids)
+        if graph is None:
+            logits = self._step_modules(buf, 0, T, advance=False)
+        else:
+            graph.replay()
+        self.pos = end
+        return logits.clone()
+
+    def _run_decode_step(self) -> torch.Tensor:
+        """One single-token step from `_ids` at `_pos`; afterwards `_ids` holds the argmax and
+        `_pos` the next position (both on the device). Returns the step's logits [B, V]."""
+        if not self.cuda_graphs:
+            return self._decode_body()
+        if self._decode_graph is None:
+            saved_ids, saved_pos = self._ids.clone(), self._pos.clone()
+            self._decode_graph, self._decode_logits = self._capture(self._decode_body, restore=lambda: (
+                self._ids.copy_(saved_ids), self._pos.copy_(saved_pos)))
+        self._decode_graph.replay()
+        return self._decode_logits
+
+    def _capture(self, body, restore=None):
+        """(graph, output) of `body` captured in a CUDA graph after warm-up runs on a side stream
+        (cuBLAS and cuSPARSELt set up their handles and workspaces there, outside the capture);
+        (None, output of one eager run) where graphs do not apply."""
+        if not self.cuda_graphs:
+            return None, body()
+        stream = torch.cuda.Stream(device=self.k_cache.device)
+        stream.wait_stream(torch.cuda.current_stream(self.k_cache.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                if restore is not None:
+                    restore()
+                body()
+        torch.cuda.current_stream(self.k_cache.device).wait_stream(stream)
+        if restore is not None:
+            restore()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = body()
+        if restore is not None:
+            restore()
+        return graph, out
+
+    def _decode_body(self) -> torch.Tensor:
+        """The capturable single-token step: nothing here reads a device value on the host."""
+        B = self.batch_size
+        x = self.inner.embed_tokens(self._ids)  # [B, 1, D]
+        cos = self._cos.index_select(0, self._pos)[None, None]  # [1, 1, 1, hd]
+        sin = self._sin.index_select(0, self._pos)[None, None]
+        visible = (self._key_pos <= self._pos)[None, None, None]  # [1, 1, 1, S]: positions written so far
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, 1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, 1, hd]
+            k = attn.k_proj(h).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, 1, hd]
+            v = attn.v_proj(h).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[i].index_copy_(2, self._pos, k)
+            self.v_cache[i].index_copy_(2, self._pos, v)
+            o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=visible,
+                                               scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.head(self.inner.norm(x))[:, -1]  # [B, V]
+        self._ids.copy_(logits.argmax(-1, keepdim=True))
+        self._pos.add_(1)
+        return logits
+
+    @torch.inference_mode()
+    def _static_generate(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
+        out = torch.empty(self.batch_size, steps, dtype=torch.long, device=ids.device)
+        self._ids.copy_(ids)
+        self._pos.fill_(self.pos)
+        for i in range(steps):  # the argmax and the next position stay on the device
+            self._run_decode_step()
+            out[:, i] = self._ids[:, 0]
+        self.pos += steps
+        return out
 
 
 def _rms_norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float] | None:

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--runtime", choices=("transformers", "lean"), default="transformers",
                    help="decode through the model's own forward (default) or sparselm's lean loop "
-                        "(same modules, preallocated cache; Llama-family models)")
+                        "(same modules, preallocated cache; Llama-family models; on a GPU every step a CUDA graph)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     p.set_defaults(func=run)
 
@@ -72,11 +72,14 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         print(generation_table(summary))
-        if any(r["variant"] == "2:4" for r in summary["results"]):
+        if any(r["variant"] == "2:4" for r in summary["results"]) and args.runtime != "lean":
             print("The 2:4 variant runs eagerly here: PyTorch sets cuSPARSELt up on every sparse product (measured "
-                  "0.7-0.9 ms of CPU per call on an H200 with PyTorch 2.11), so its decode is launch-bound; the "
-                  "kernels themselves pay at prefill-sized products inside CUDA graphs "
-                  "(benchmarks/bench_semi_structured.py).")
+                  "0.5-0.9 ms of CPU per call on an H200 with PyTorch 2.11), so its decode is launch-bound. "
+                  "--runtime lean runs every prefill and decode step as a CUDA graph.")
+        elif any(r["variant"] == "2:4" for r in summary["results"]):
+            print("Under CUDA graphs the 2:4 products pay from about 1000 tokens per product; at decode sizes "
+                  "cuSPARSELt is 2-3.5x slower than dense per product (H200, PyTorch 2.11; "
+                  "benchmarks/bench_semi_structured.py), so 2:4 decodes slower and buys memory there.")
         if (summary["omp_wait_policy"] or "").lower() == "passive" and torch.get_num_threads() > 1:
             print("OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=passive, robust on "
                   "shared cores), so multi-threaded decoding pays a wake-up per parallel region at small batch "

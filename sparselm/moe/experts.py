@@ -102,7 +102,8 @@ class SwiGLUExperts(nn.Module):
         gate_NF, up_NF = F.linear(x_ND, self.gate_up_E2FD[e]).chunk(2, dim=-1)  # [N, F] each
         return F.linear(F.silu(gate_NF) * up_NF, self.down_EDF[e])  # [N, D]
 
-    def forward_grouped(self, x_AD: torch.Tensor, counts: list[int], use_grouped_mm: bool = False) -> torch.Tensor:
+    def forward_grouped(self, x_AD: torch.Tensor, counts: list[int] | torch.Tensor,
+                        use_grouped_mm: bool = False) -> torch.Tensor:
         """Rows sorted by expert, `counts[e]` rows for expert e -> [A, D] expert outputs.
 
         Default: per-expert matmuls on contiguous slices with a fused backward
@@ -110,7 +111,14 @@ class SwiGLUExperts(nn.Module):
         With `use_grouped_mm`, one `torch._grouped_mm` call per projection replaces the
         per-expert loop (same math; available on CPU for fp32/bf16 in recent PyTorch). It
         needs row strides that are multiples of 16 bytes; other shapes use the loop.
+        `counts` may be an [E] tensor on x's device (off the CPU, so that nothing waits for the
+        GPU) only together with `use_grouped_mm` on aligned shapes.
         """
+        if isinstance(counts, torch.Tensor):
+            if not (use_grouped_mm and self.grouped_mm_aligned(x_AD.dtype)) or pads_expert_rows(x_AD):
+                counts = counts.tolist()
+            else:
+                return self._forward_grouped_mm(x_AD, counts)
         if pads_expert_rows(x_AD):
             padded = [matmul_rows(n) for n in counts]
             if padded != counts:
@@ -134,8 +142,9 @@ class SwiGLUExperts(nn.Module):
         itemsize = torch.empty((), dtype=dtype).element_size()
         return (self.hidden_size * itemsize) % 16 == 0 and (self.expert_hidden * itemsize) % 16 == 0
 
-    def _forward_grouped_mm(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        offsets = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)  # [E] end offsets
+    def _forward_grouped_mm(self, x_AD: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
+        counts_E = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, device=x_AD.device)
+        offsets = counts_E.cumsum(0).to(torch.int32)  # [E] end offsets
         h_A2F = torch._grouped_mm(x_AD, self.gate_up_E2FD.transpose(-2, -1), offs=offsets)
         act_AF = SwiGLUFn.apply(h_A2F)  # [A, F]; its backward returns a contiguous gradient
         return _contiguous_grad(torch._grouped_mm(act_AF, self.down_EDF.transpose(-2, -1), offs=offsets))

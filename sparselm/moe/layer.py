@@ -131,8 +131,11 @@ class MoELayer(nn.Module):
             self.aux_loss = self._router_loss(routing) if torch.is_grad_enabled() else None
         if self.track_stats:
             self.stats.update(routing, x_TD.shape[0])
-        if self.training:
-            self._load_since_bias_update += routing.selected_counts.detach().double().cpu()
+        if self.training:  # kept on the routing's device: no wait for the GPU every step
+            load = routing.selected_counts.detach()
+            if self._load_since_bias_update.device != load.device:
+                self._load_since_bias_update = self._load_since_bias_update.to(load.device)
+            self._load_since_bias_update += load
         return out_TD.reshape(shape)
 
     def _dispatch(self, x_TD: torch.Tensor, routing) -> torch.Tensor:

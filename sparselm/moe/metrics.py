@@ -12,21 +12,26 @@ import torch
 
 @dataclass
 class RoutingStats:
-    """Running totals over forward passes of one layer (float64 on CPU, never trained)."""
+    """Running totals over forward passes of one layer (float64, never trained).
+
+    The totals stay on the device the routing runs on and are read back only by `metrics()`:
+    `update` runs every forward, and on a GPU each read-back would make the host wait for the
+    whole step so far."""
 
     num_experts: int
     kept_counts: torch.Tensor = field(init=False)  # [E] assignments each expert ran
     selected_counts: torch.Tensor = field(init=False)  # [E] before capacity dropping
     tokens: int = 0
-    assignments_chosen: float = 0.0
-    assignments_dropped: float = 0.0
-    entropy_sum: float = 0.0  # sum over tokens of the router distribution's entropy
+    assignments_chosen: torch.Tensor | float = 0.0  # 0-dim tensor once updated
+    assignments_dropped: torch.Tensor | float = 0.0
+    entropy_sum: torch.Tensor | float = 0.0  # sum over tokens of the router distribution's entropy
 
     def __post_init__(self):
         self.reset()
 
     def reset(self) -> None:
-        # device given explicitly: models built under a meta-device context still count on CPU
+        # device given explicitly: models built under a meta-device context still count on CPU;
+        # the first update moves the totals to the routing's device
         self.kept_counts = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")
         self.selected_counts = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")
         self.tokens = 0
@@ -36,17 +41,22 @@ class RoutingStats:
 
     @torch.no_grad()
     def update(self, routing, num_tokens: int) -> None:
-        self.kept_counts += routing.kept_counts.detach().double().cpu()
-        self.selected_counts += routing.selected_counts.detach().double().cpu()
+        device = routing.selected_counts.device
+        if self.kept_counts.device != device:
+            self.kept_counts = self.kept_counts.to(device)
+            self.selected_counts = self.selected_counts.to(device)
+        self.kept_counts += routing.kept_counts.detach()
+        self.selected_counts += routing.selected_counts.detach()
         self.tokens += num_tokens
-        chosen = float(routing.selected_counts.sum())
-        self.assignments_chosen += chosen
-        self.assignments_dropped += routing.dropped_fraction * chosen
-        self.entropy_sum += float(router_entropy(routing.probs).sum())
+        chosen = routing.selected_counts.detach().sum().double()
+        self.assignments_chosen = self.assignments_chosen + chosen
+        self.assignments_dropped = self.assignments_dropped + routing.dropped_fraction * chosen
+        self.entropy_sum = self.entropy_sum + router_entropy(routing.probs.detach()).double().sum()
 
     def metrics(self) -> dict:
-        return routing_metrics(self.kept_counts, self.assignments_dropped / max(1.0, self.assignments_chosen),
-                               self.entropy_sum / max(1, self.tokens))
+        return routing_metrics(self.kept_counts.cpu(),
+                               float(self.assignments_dropped) / max(1.0, float(self.assignments_chosen)),
+                               float(self.entropy_sum) / max(1, self.tokens))
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:

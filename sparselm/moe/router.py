@@ -61,8 +61,12 @@ class TopKRouter(nn.Module):
         return top_k_groups(logits_TE, self.top_k, self.renormalize, self._active_bias(), self.unit_gates, need_probs)
 
     def _active_bias(self) -> torch.Tensor | None:
-        """The selection bias when balancing is on or the bias was trained, else None."""
-        return self.selection_bias if self.bias_update_rate > 0 or bool(self.selection_bias.any()) else None
+        """The selection bias when balancing is on or the bias was trained, else None.
+        Off the CPU always the bias: adding zeros picks the same experts, and testing for a
+        trained bias would make the host wait for the GPU every forward."""
+        if self.bias_update_rate > 0 or self.selection_bias.device.type != "cpu":
+            return self.selection_bias
+        return self.selection_bias if bool(self.selection_bias.any()) else None
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

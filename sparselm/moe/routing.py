@@ -53,11 +53,21 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
+def expert_counts(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of `expert_index` name each expert -> [E] int64 on its device.
+    `torch.bincount` on CPU; elsewhere a scatter-add, because CUDA's bincount reads the
+    largest index back to the host (the host would wait for the GPU every forward)."""
+    if expert_index.device.type == "cpu":
+        return torch.bincount(expert_index, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_index.device)
+    return counts.scatter_add_(0, expert_index, torch.ones_like(expert_index, dtype=torch.long))
+
+
 def rank_within_expert(expert_flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     """For each assignment, how many earlier assignments (in the given order) chose the
     same expert: its position in that expert's queue. LongTensor like `expert_flat`."""
     order = torch.argsort(expert_flat, stable=True)  # [N] grouped by expert, original order kept
-    counts = torch.bincount(expert_flat, minlength=num_experts)  # [E]
+    counts = expert_counts(expert_flat, num_experts)  # [E]
     starts = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
     rank_sorted = torch.arange(expert_flat.numel(), device=expert_flat.device) - starts[expert_flat[order]]
     rank = torch.empty_like(rank_sorted)
@@ -109,7 +119,7 @@ def top_k_routing(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True,
     expert_flat = choice_TK.t().reshape(-1)  # [K*T]
     token_flat = torch.arange(num_tokens, device=logits_TE.device).repeat(top_k)  # [K*T]
     gates_flat = gates_TK.t().reshape(-1)  # [K*T]
-    selected = torch.bincount(expert_flat, minlength=num_experts)  # [E]
+    selected = expert_counts(expert_flat, num_experts)  # [E]
     if capacity is None:
         keep = None
         kept = selected
@@ -262,11 +272,14 @@ def _group_choices(choice_TK: torch.Tensor, num_experts: int):
     return rows_TK, token_A, counts_E
 
 
-def sort_by_expert(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """Permutation that groups assignments by expert (stable), and the group sizes."""
+def sort_by_expert(expert_index: torch.Tensor, num_experts: int,
+                   as_list: bool = True) -> tuple[torch.Tensor, list[int] | torch.Tensor]:
+    """Permutation that groups assignments by expert (stable), and the group sizes: E ints
+    (read back from the device: on a GPU the host waits for it), or with `as_list=False`
+    an [E] tensor on the device."""
     order = torch.argsort(expert_index, stable=True)  # [A]
-    counts = torch.bincount(expert_index, minlength=num_experts).tolist()  # E ints (host sync)
-    return order, counts
+    counts = expert_counts(expert_index, num_experts)  # [E]
+    return order, (counts.tolist() if as_list else counts)
 
 
 def group_by_expert(routing: Routing, num_experts: int) -> ExpertGroups:

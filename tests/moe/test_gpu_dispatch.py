@@ -7,7 +7,8 @@ from sparselm.moe.dispatch import DISPATCH_METHODS
 from sparselm.moe.experts import grouped_mm_available
 from sparselm.moe.layer import MoEConfig, MoELayer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("no_tf32")]
 
 DEVICE = "cuda"
 DIM, HIDDEN, EXPERTS, TOP_K = 64, 128, 8, 2  # multiples of 16: bf16 grouped_mm alignment
@@ -23,15 +24,6 @@ ROUTERS = {
     "topk_idle_expert": {"router": "top_k"},  # one expert gets no rows (bias below)
     "expert_choice": {"router": "expert_choice", "capacity_factor": 1.0},
 }
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 comparisons need true fp32 matmuls (cuBLAS may use TF32 where allowed)."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _layer(router: str, dtype: torch.dtype, seed: int = 0) -> MoELayer:
@@ -154,3 +146,42 @@ def test_grouped_mm_runs_on_cuda_bf16(monkeypatch):
         out = layer(x)  # the no-grad path: one grouped_mm per projection for few rows
     assert calls == [(DEVICE, torch.bfloat16)] * 2
     _assert_near(out, out_ref, torch.bfloat16, "no-grad output")
+
+
+@pytest.mark.parametrize("balance", ["aux_loss", "bias"])
+def test_training_step_never_waits_for_the_gpu(balance):
+    """Dropless top-k in bf16 on the default dispatch (grouped_mm on CUDA): routing, the router
+    losses, the statistics, the backward and the balancing bias update run without one
+    device-to-host copy or synchronisation, so the host can queue the next step while the GPU
+    works. bf16 only: in fp32 (PyTorch 2.11, H200) `torch._grouped_mm` itself reads the group
+    offsets back to the host."""
+    dtype = torch.bfloat16
+    if not grouped_mm_available(DEVICE, dtype):
+        pytest.skip("torch._grouped_mm does not run here")
+    torch.manual_seed(0)
+    coefs = ({"balance_loss_coef": 1e-2, "z_loss_coef": 1e-3} if balance == "aux_loss"
+             else {"balance_loss_coef": 0.0, "bias_update_rate": 1e-3})
+    cfg = MoEConfig(hidden_size=DIM, expert_hidden=HIDDEN, num_experts=EXPERTS, top_k=TOP_K, **coefs)
+    layer = MoELayer(cfg).to(DEVICE, dtype).train()
+    x, weight = _inputs(256, dtype)
+
+    def train_step():
+        layer.zero_grad(set_to_none=True)
+        out = layer(x.clone().requires_grad_(True))
+        loss = (out.float() * weight).sum()
+        if layer.aux_loss is not None:
+            loss = loss + layer.aux_loss
+        loss.backward()
+        layer.update_balance_bias()
+
+    train_step()  # first call: the grouped_mm probe, cuBLAS set-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    metrics = layer.metrics()  # read back only here
+    assert sum(metrics["tokens_per_expert"]) == 2 * 256 * TOP_K
+    assert metrics["dropped_fraction"] == 0.0 and metrics["router_entropy"] > 0
+    assert layer.experts.gate_up_E2FD.grad is not None and layer.router.weight.grad is not None

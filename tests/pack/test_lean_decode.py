@@ -301,3 +301,55 @@ def test_bf16_cpp_step_with_odd_widths():
     fast, slow = fast.float(), slow.float()
     assert (fast - slow).abs().max() < 0.03 * slow.abs().max()
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+def check_static_against_hf(model, ids, chunks):
+    """`check_against_hf` through the static step (what CUDA graphs capture on a GPU), run eagerly."""
+    ref = hf_logits(model, ids)
+    dec = LeanDecoder(model, max_len=ids.shape[1] + 4, batch_size=ids.shape[0], static_step=True)
+    assert dec.static_step and not dec.cuda_graphs  # no graphs on CPU: the same step, eagerly
+    pos = 0
+    for n in chunks:
+        got = dec.step(ids[:, pos:pos + n])
+        pos += n
+        torch.testing.assert_close(got, ref[:, pos - 1], rtol=1e-4, atol=1e-4)
+    assert dec.pos == pos == ids.shape[1]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4},
+                                       {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 10000.0}}])
+def test_static_step_equals_transformers(overrides):
+    """Position as a device tensor, cache written by index_copy_, attention over the whole cache
+    with later positions masked: the transformers forward's logits, GQA and rope scaling included,
+    prefill, single tokens and (uncaptured) chunks after earlier tokens alike."""
+    model = random_llama(seed=1, **overrides)
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    check_static_against_hf(model, ids, [13] + [1] * 8)
+    check_static_against_hf(model, ids, [5, 7, 1, 8])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_static_generate_equals_stepping(packed):
+    """Greedy generation through the static step (argmax and next position kept on the device)
+    gives the tokens of stepping and taking argmaxes, after a reset too."""
+    model = random_llama(seed=3)
+    if packed:
+        sparsify(model, Magnitude(sparsity=0.5), progress=False)
+        pack(model, "bitmask", progress=False)
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref = LeanDecoder(model, max_len=24, batch_size=2, fast=False)
+    token = ref.step(prompt).argmax(-1, keepdim=True)
+    expected = []
+    for _ in range(10):
+        expected.append(token)
+        token = ref.step(token).argmax(-1, keepdim=True)
+    expected = torch.cat(expected, dim=1)  # [B, 10]: the prompt's argmax, then 9 generated
+    dec = LeanDecoder(model, max_len=24, batch_size=2, static_step=True)
+    for _ in range(2):  # the second round after reset() must not see the first round's cache
+        dec.reset()
+        first = dec.step(prompt).argmax(-1, keepdim=True)
+        torch.testing.assert_close(first, expected[:, :1])
+        out = dec.generate(first, 9)
+        assert dec.pos == 18
+        torch.testing.assert_close(out, expected[:, 1:])

@@ -50,6 +50,11 @@ def test_two_four_layers_run_sparse_on_gpu():
     assert len(report.converted) == 14 and not report.kept_dense, report.table()  # 7 linears x 2 blocks
     with torch.no_grad():
         after = model(ids).logits
+        # row-major outputs (attention kernels need a contiguous last dim), prefill-sized inputs too
+        h = torch.randn(2, 256, model.config.hidden_size, device="cuda", dtype=torch.float16)
+        for proj in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.gate_proj):
+            out = proj(h)
+            assert out.shape == (2, 256, proj.out_features) and out.is_contiguous()
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
 
 
