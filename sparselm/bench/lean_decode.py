@@ -98,8 +98,18 @@ class LeanDecoder:
         self._stack_full = False  # embedding, blocks, final norm and LM head all in the C++ step
         on_cuda = param.device.type == "cuda"
         self.static_step = on_cuda if static_step is None else bool(static_step)
+        rope_type = str(getattr(inner.rotary_emb, "rope_type", "default"))
+        static_reason = None
+        if self.static_step and "dynamic" in rope_type:  # frequencies depend on the longest position so far
+            static_reason = f"rope type {rope_type!r} rescales with the sequence length; static steps use a " \
+                            "fixed table"
+            if static_step:
+                raise SparselmError(f"static steps (CUDA graphs) are not possible for this model: {static_reason}")
+            self.static_step = False
         self.cuda_graphs = self.static_step and on_cuda and fast
-        if self.static_step:
+        if static_reason is not None:
+            self._stack, self.fast_path_reason = None, static_reason
+        elif self.static_step:
             self._stack, self.fast_path_reason = None, "static steps (CUDA graphs on a GPU)"
             self._init_static(cfg)
         else:

@@ -29,6 +29,14 @@ def resolve_device(name: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SparselmError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SparselmError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise SparselmError(f"--device {name} names GPU {device.index}, but this machine has {count} "
+                            f"(cuda:0 to cuda:{count - 1}); pick one of those")
     return name
 
 

@@ -67,3 +67,22 @@ def test_bench_two_four_variant_needs_a_gpu(capsys):
 def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert main(["bench", "tiny", "--device", "cuda", "--json"]) == 2
     assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
+def test_device_names_are_checked(monkeypatch):
+    """--device: a malformed name, CUDA without a GPU, and a GPU index past the machine's GPUs are
+    clear errors naming the fix (the last one was PyTorch's own error deep inside the run)."""
+    from sparselm.cli.common import resolve_device
+    from sparselm.errors import SparselmError
+
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(SparselmError, match="not a device name"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SparselmError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("cuda") == "cuda"
+    with pytest.raises(SparselmError, match=r"names GPU 7, but this machine has 1 \(cuda:0 to cuda:0\)"):
+        resolve_device("cuda:7")

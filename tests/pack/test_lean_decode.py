@@ -353,3 +353,13 @@ def test_static_generate_equals_stepping(packed):
         out = dec.generate(first, 9)
         assert dec.pos == 18
         torch.testing.assert_close(out, expected[:, 1:])
+
+
+def test_static_step_refuses_dynamic_rope():
+    """A rotary table that rescales with the sequence length cannot be precomputed for the static
+    step: asked for explicitly it is an error naming why (on a GPU, where static steps are the
+    default, the loop falls back to its eager steps and says so in `fast_path_reason`)."""
+    model = random_llama(seed=6, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(SparselmError, match="rescales with the sequence length"):
+        LeanDecoder(model, max_len=8, static_step=True)
+    assert not LeanDecoder(model, max_len=8).static_step
