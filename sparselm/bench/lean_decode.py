@@ -278,7 +278,6 @@ class LeanDecoder:
             self.pos = end
         return self.head(self.inner.norm(x[:, -1:]))[:, -1]  # [B, V]
 
-
     # ---- static steps (CUDA graphs) -------------------------------------------------------
 
     @torch.inference_mode()
@@ -292,16 +291,16 @@ class LeanDecoder:
             return logits.clone()
         if start != 0:  # a chunk after earlier tokens: no graph for that shape
             return self._step_modules(ids, start, end)
-        entry = self._prefill.get(T)
-        if entry is None:
-            buf = ids.clone()
-            graph, logits = self._capture(lambda: self._step_modules(buf, 0, T, advance=False))
-            entry = self._prefill[T] = (graph, buf, logits)
-        graph, buf, logits = entry
-        buf.copy_(ids)
-        if graph is None:
-            logits = self._step_modules(buf, 0, T, advance=False)
+        if not self.cuda_graphs:
+            logits = self._step_modules(ids, 0, T, advance=False)
         else:
+            entry = self._prefill.get(T)
+            if entry is None:
+                buf = ids.clone()
+                graph, logits = self._capture(lambda: self._step_modules(buf, 0, T, advance=False))
+                entry = self._prefill[T] = (graph, buf, logits)
+            graph, buf, logits = entry
+            buf.copy_(ids)
             graph.replay()
         self.pos = end
         return logits.clone()
@@ -320,10 +319,8 @@ class LeanDecoder:
 
     def _capture(self, body, restore=None):
         """(graph, output) of `body` captured in a CUDA graph after warm-up runs on a side stream
-        (cuBLAS and cuSPARSELt set up their handles and workspaces there, outside the capture);
-        (None, output of one eager run) where graphs do not apply."""
-        if not self.cuda_graphs:
-            return None, body()
+        (cuBLAS and cuSPARSELt set up their handles and workspaces there, outside the capture).
+        `restore` puts back what a run of `body` changes (the decode step's token and position)."""
         stream = torch.cuda.Stream(device=self.k_cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.k_cache.device))
         with torch.cuda.stream(stream):
