@@ -17,10 +17,13 @@ sparselm/moe/dispatch.py), Mixtral's block does not. `--fixed-routing` reuses on
 pays every set-up once and hides it.
 Methods are timed in alternating rounds; each ratio is the median over rounds of the ratio of
 two methods' times within a round (robust to the machine's speed drifting during the run), the
-ms column the median time. Freed buffers of these sizes go back to the OS and page-fault in again
-on the next step; run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000` (glibc) to
-keep them, which is what a tuned allocator (jemalloc, tcmalloc) gives, and the setting the
-process reports. Prints a Markdown table, then one JSON line.
+ms column the median time, and the interval column a distribution-free confidence interval for
+the median time / dense (95% from 6 rounds on; fewer rounds give the full range and say what it
+covers): a target of <= 1.0 holds in a run only where the interval's top is below 1. Freed
+buffers of these sizes go back to the OS and page-fault in again on the next step; run with
+`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000` (glibc) to keep them, which is what a
+tuned allocator (jemalloc, tcmalloc) gives, and the setting the process reports.
+Prints a Markdown table, then one JSON line.
 
     python benchmarks/bench_moe_dispatch.py [--tokens 4096] [--rounds 7] [--threads N] [--warmup 30] [--fixed-routing]
                                            [--device cuda]
@@ -35,7 +38,7 @@ import time
 
 import torch
 
-from sparselm.bench.timing import alternating_rounds, median_ratio
+from sparselm.bench.timing import alternating_rounds, median_ratio, ratio_interval
 from sparselm.moe.experts import SharedSwiGLU, grouped_mm_available
 from sparselm.moe.fused import SwiGLUFn
 from sparselm.moe.layer import MoEConfig, MoELayer
@@ -165,21 +168,24 @@ def main(argv=None) -> dict:
           f"K={args.top_k} F={args.hidden}, dense F={args.top_k * args.hidden}, "
           f"{'fixed' if args.fixed_routing else 'new'} routing each step, {_where(args.device)}, torch {torch.__version__} (dense baseline: torch's default GEMM); "
           f"glibc MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}\n")
-    print("| dtype | method | ms | speedup vs naive | time / dense | time / dense_fused | time / mixtral_hf |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| dtype | method | ms | speedup vs naive | time / dense | interval | time / dense_fused | time / mixtral_hf |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |")
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         times = bench_dtype(args, dtype)
         results[dtype_name] = {}
         for name, ts in times.items():
             t = statistics.median(ts)
+            low, high, coverage = ratio_interval(times, name, "dense_swiglu")
             row = {"ms": round(t, 2), "speedup_vs_naive": round(median_ratio(times, "moe_naive", name), 3),
                    "time_vs_dense": round(median_ratio(times, name, "dense_swiglu"), 3),
+                   "time_vs_dense_interval": [round(low, 3), round(high, 3), round(coverage, 3)],
                    "time_vs_dense_fused": round(median_ratio(times, name, "dense_fused"), 3),
                    "time_vs_mixtral": round(median_ratio(times, name, "mixtral_hf"), 3)}
             results[dtype_name][name] = row
             print(f"| {dtype_name} | {name} | {t:.1f} | {row['speedup_vs_naive']:.2f}x | "
-                  f"{row['time_vs_dense']:.2f} | {row['time_vs_dense_fused']:.2f} | {row['time_vs_mixtral']:.2f} |")
+                  f"{row['time_vs_dense']:.2f} | {low:.2f}-{high:.2f} ({coverage:.0%}) | "
+                  f"{row['time_vs_dense_fused']:.2f} | {row['time_vs_mixtral']:.2f} |")
     summary = {"benchmark": "moe_dispatch", "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
                "top_k": args.top_k, "hidden": args.hidden, "threads": torch.get_num_threads(),
                "device": _where(args.device), "fixed_routing": args.fixed_routing, "warmup": args.warmup, "rounds": args.rounds,
