@@ -72,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         print(generation_table(summary))
-        if any(r["variant"] == "2:4" for r in summary["results"]) and args.runtime != "lean":
+        two_four = any(r["variant"] == "2:4" for r in summary["results"])
+        if two_four and args.runtime != "lean":
             print("The 2:4 variant runs eagerly here: PyTorch sets cuSPARSELt up on every sparse product (measured "
                   "0.5-0.9 ms of CPU per call on an H200 with PyTorch 2.11), so its decode is launch-bound. "
                   "--runtime lean runs every prefill and decode step as a CUDA graph.")
-        elif any(r["variant"] == "2:4" for r in summary["results"]):
+        elif two_four:
             print("Under CUDA graphs the 2:4 products pay from about 1000 tokens per product; at decode sizes "
                   "cuSPARSELt is 2-3.5x slower than dense per product (H200, PyTorch 2.11; "
                   "benchmarks/bench_semi_structured.py), so 2:4 decodes slower and buys memory there.")

@@ -56,10 +56,10 @@ def _dispatch_slot_major(x_TD, routing: Routing, experts: SwiGLUExperts, use_gro
     each expert's group is padded with zero rows to `matmul_rows` (experts.py) right in the
     gather, so the experts receive counts that need no further padding."""
     num_tokens, slots = x_TD.shape[0], routing.slots
-    # Off the CPU, grouped_mm takes the group sizes as a device tensor: nothing in this
-    # forward (or its backward) then waits for the GPU.
-    device_counts = (use_grouped_mm and x_TD.device.type != "cpu" and experts.grouped_mm_aligned(x_TD.dtype))
-    order, counts = sort_by_expert(routing.expert_index, experts.num_experts, as_list=not device_counts)  # [K*T]
+    # Off the CPU the group sizes stay a device tensor: grouped_mm takes them as they are, so
+    # nothing in this forward (or its backward) waits for the GPU; the per-expert slices read them.
+    order, counts = sort_by_expert(routing.expert_index, experts.num_experts,
+                                   as_list=x_TD.device.type == "cpu")  # [K*T]
     inverse = torch.empty_like(order)  # inverse[k*T + t]: the grouped row of assignment (k, t)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     fused = fused_kernels(x_TD) is not None

@@ -111,8 +111,8 @@ class SwiGLUExperts(nn.Module):
         With `use_grouped_mm`, one `torch._grouped_mm` call per projection replaces the
         per-expert loop (same math; available on CPU for fp32/bf16 in recent PyTorch). It
         needs row strides that are multiples of 16 bytes; other shapes use the loop.
-        `counts` may be an [E] tensor on x's device (off the CPU, so that nothing waits for the
-        GPU) only together with `use_grouped_mm` on aligned shapes.
+        `counts` may also be an [E] tensor on x's device: grouped_mm uses it without reading it
+        back (off the CPU nothing then waits for the GPU); the other paths read it.
         """
         if isinstance(counts, torch.Tensor):
             if not (use_grouped_mm and self.grouped_mm_aligned(x_AD.dtype)) or pads_expert_rows(x_AD):

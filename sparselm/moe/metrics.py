@@ -21,10 +21,8 @@ class RoutingStats:
     num_experts: int
     kept_counts: torch.Tensor = field(init=False)  # [E] assignments each expert ran
     selected_counts: torch.Tensor = field(init=False)  # [E] before capacity dropping
+    sums: torch.Tensor = field(init=False)  # [3]: assignments chosen, assignments dropped, router entropy
     tokens: int = 0
-    assignments_chosen: torch.Tensor | float = 0.0  # 0-dim tensor once updated
-    assignments_dropped: torch.Tensor | float = 0.0
-    entropy_sum: torch.Tensor | float = 0.0  # sum over tokens of the router distribution's entropy
 
     def __post_init__(self):
         self.reset()
@@ -34,29 +32,25 @@ class RoutingStats:
         # the first update moves the totals to the routing's device
         self.kept_counts = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")
         self.selected_counts = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")
+        self.sums = torch.zeros(3, dtype=torch.float64, device="cpu")
         self.tokens = 0
-        self.assignments_chosen = 0.0
-        self.assignments_dropped = 0.0
-        self.entropy_sum = 0.0
 
     @torch.no_grad()
     def update(self, routing, num_tokens: int) -> None:
         device = routing.selected_counts.device
-        if self.kept_counts.device != device:
-            self.kept_counts = self.kept_counts.to(device)
-            self.selected_counts = self.selected_counts.to(device)
+        if self.sums.device != device:
+            self.kept_counts, self.selected_counts, self.sums = (
+                t.to(device) for t in (self.kept_counts, self.selected_counts, self.sums))
         self.kept_counts += routing.kept_counts.detach()
         self.selected_counts += routing.selected_counts.detach()
         self.tokens += num_tokens
         chosen = routing.selected_counts.detach().sum().double()
-        self.assignments_chosen = self.assignments_chosen + chosen
-        self.assignments_dropped = self.assignments_dropped + routing.dropped_fraction * chosen
-        self.entropy_sum = self.entropy_sum + router_entropy(routing.probs.detach()).double().sum()
+        entropy = router_entropy(routing.probs.detach()).double().sum()
+        self.sums += torch.stack([chosen, routing.dropped_fraction * chosen, entropy])
 
     def metrics(self) -> dict:
-        return routing_metrics(self.kept_counts.cpu(),
-                               float(self.assignments_dropped) / max(1.0, float(self.assignments_chosen)),
-                               float(self.entropy_sum) / max(1, self.tokens))
+        chosen, dropped, entropy = self.sums.tolist()
+        return routing_metrics(self.kept_counts.cpu(), dropped / max(1.0, chosen), entropy / max(1, self.tokens))
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:

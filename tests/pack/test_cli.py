@@ -51,7 +51,7 @@ def test_pack_refuses_existing_output(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_bench_two_four_variant_needs_a_gpu(capsys):
+def test_bench_two_four_variant_needs_a_gpu():
     from sparselm.bench.generation import compare_generation, default_variants
 
     from .helpers import pruned_llama
