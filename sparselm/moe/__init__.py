@@ -6,6 +6,7 @@ K experts per token, A kept (token, expert) assignments, C expert capacity.
 Importing this package registers `SparseMoeConfig` / `SparseMoeForCausalLM` (model_type
 "sparselm_moe") with the transformers Auto classes.
 """
+from sparselm.moe.buffers import release_buffers
 from sparselm.moe.dispatch import dispatch, dispatch_naive, dispatch_sorted
 from sparselm.moe.experts import SharedSwiGLU, SwiGLUExperts
 from sparselm.moe.expert_pruning import expert_scores, prune_experts
@@ -24,5 +25,5 @@ __all__ = [
     "top_k_routing", "expert_choice_routing", "expert_capacity", "load_balancing_loss", "router_z_loss",
     "dispatch", "dispatch_sorted", "dispatch_naive", "moe_layers", "total_aux_loss", "update_balance_biases",
     "reset_routing_stats", "model_routing_metrics", "SparseMoeConfig", "SparseMoeForCausalLM", "upcycle",
-    "partition", "expert_scores", "prune_experts", "save_moe", "load_moe",
+    "partition", "expert_scores", "prune_experts", "save_moe", "load_moe", "release_buffers",
 ]

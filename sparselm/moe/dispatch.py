@@ -20,12 +20,12 @@ Both are differentiable with respect to x, the expert weights and the gates.
 """
 from __future__ import annotations
 
-import threading
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from sparselm.moe.buffers import reusable, workspace
 from sparselm.moe.experts import (SwiGLUExperts, grouped_mm_available, matmul_rows, pads_expert_rows,
                                   padded_layout)
 from sparselm.moe.fused import fused_kernels, rows_sum, swiglu
@@ -97,7 +97,7 @@ class _GatherSlots(torch.autograd.Function):
     def forward(ctx, x_TD, src, pad_rows, inverse, slots):
         ctx.save_for_backward(inverse)
         ctx.slots = slots
-        x_AD = x_TD.index_select(0, src)
+        x_AD = torch.index_select(x_TD, 0, src, out=reusable("gather_slots.x", (src.numel(), x_TD.shape[1]), x_TD))
         if pad_rows is not None:
             x_AD.index_fill_(0, pad_rows, 0)
         return x_AD
@@ -185,7 +185,7 @@ def _expert_rows_loop(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUE
     """Expert outputs [A, D], expert by expert: gather its rows, h^T = W_gate_up x^T (so
     the gate and up halves are contiguous [F, n] blocks for the in-place silu and *),
     the down matmul reading act^T transposed, straight into its slice of the output.
-    All buffers, the output included, come from the reused `_workspace`."""
+    All buffers, the output included, come from the reused `workspace` (buffers.py)."""
     dim, hidden = x_TD.shape[1], experts.expert_hidden
     total, rows = len(groups.token_index), max(groups.counts)
     ext = _c_loop(x_TD, experts)
@@ -196,13 +196,13 @@ def _expert_rows_loop(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUE
         run_rows = [matmul_rows(n) for n in groups.counts] if pads_expert_rows(x_TD) else list(groups.counts)
         rows = max(run_rows)
         threads = ext.moe_parallel_experts(groups.counts, dim, hidden)
-        buf = _workspace(total * dim + threads * rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
+        buf = workspace(total * dim + threads * rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
         y_AD, x_buf, h_buf = buf.split([total * dim, threads * rows * dim, threads * rows * 2 * hidden])
         y_AD = y_AD.view(total, dim)
         ext.moe_expert_rows(x_TD, groups.token_index, groups.counts, run_rows, experts.gate_up_E2FD.detach(),
                             experts.down_EDF.detach(), y_AD, x_buf, h_buf, threads)
         return y_AD
-    buf = _workspace(total * dim + rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
+    buf = workspace(total * dim + rows * (dim + 2 * hidden), x_TD.dtype, x_TD.device)
     y_AD, x_buf, h_buf = buf.split([total * dim, rows * dim, rows * 2 * hidden])
     y_AD, x_buf = y_AD.view(total, dim), x_buf.view(rows, dim)
     # Per-expert views made in one call each: the loop body is what costs (~10 ops).
@@ -220,35 +220,6 @@ def _expert_rows_loop(x_TD: torch.Tensor, groups: ExpertGroups, experts: SwiGLUE
     return y_AD
 
 
-_WORKSPACE_MAX_BYTES = 64 << 20
-_workspaces = threading.local()
-
-
-def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch buffer of `numel` elements, reused across calls on CPU up to 64 MiB.
-
-    Why: CPU tensors come straight from malloc, and buffers of a few MB freed by one
-    forward are often returned to the OS and page-faulted back in (zeroed by the
-    kernel) by the next: measured up to ~2400 faults (~10 MB) per call of the small
-    Llama's MoE layer, which cost more than its whole routing. Kept per thread, dtype and
-    device, grown to the largest request; larger requests (big batches, where the
-    faults are small next to the matmuls) and other devices (caching allocators)
-    allocate normally. Made outside inference mode so that a buffer first used under
-    `torch.inference_mode()` can still be written under `torch.no_grad()`.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or numel * itemsize > _WORKSPACE_MAX_BYTES:
-        return torch.empty(numel, dtype=dtype, device=device)
-    cache = getattr(_workspaces, "buffers", None)
-    if cache is None:
-        cache = _workspaces.buffers = {}
-    buf = cache.get((dtype, device))
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):
-            buf = cache[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
 def dispatch_naive(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts) -> torch.Tensor:
     """Reference dispatch: every expert on every token, weighted by the dense gates."""
     gates_TE = dense_gate_matrix(routing, x_TD.shape[0], experts.num_experts).to(x_TD.dtype)  # [T, E]
@@ -258,15 +229,14 @@ def dispatch_naive(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts)
 
 def dispatch(x_TD: torch.Tensor, routing: Routing, experts: SwiGLUExperts, method: str = "auto") -> torch.Tensor:
     """Dispatch by name: "sorted" (per-expert slices), "grouped_mm", "naive", or "auto":
-    `torch._grouped_mm` where it runs for the device and dtype, except in 16-bit types on CPU,
-    where the per-expert slices run. On CPU (benchmarks/bench_moe_dispatch.py, forward +
-    backward, new routing every step) grouped_mm was as fast as the slices in fp32 on two
-    machines (Intel AVX-512, AMD AVX2; 1 and 2 threads) and faster on a third (AMD AVX-512:
-    0.92x vs 1.02x the dense MLP's time on 1 thread, 0.94x vs 0.98x on 2); in bf16 the slices
-    were 2-15% faster on the first and within noise on the third."""
+    the per-expert slices on CPU, `torch._grouped_mm` elsewhere where it runs for the device and
+    dtype. On CPU (benchmarks/bench_moe_dispatch.py, forward + backward, new routing every step)
+    the slices reuse their large buffers (buffers.py) where grouped_mm allocates its outputs
+    afresh: on the AMD AVX-512 VM 0.89x vs 0.95x the dense MLP's time in fp32, 0.92x vs 1.00x
+    in bf16. Before that reuse, grouped_mm was as fast in fp32 on two machines and faster on
+    that one."""
     if method == "auto":
-        sixteen_bit_cpu = x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
-        method = ("grouped_mm" if not sixteen_bit_cpu and _grouped_mm_works(x_TD.device.type, x_TD.dtype)
+        method = ("grouped_mm" if x_TD.device.type != "cpu" and _grouped_mm_works(x_TD.device.type, x_TD.dtype)
                   else "sorted")
     if method == "sorted":
         return dispatch_sorted(x_TD, routing, experts)

@@ -33,25 +33,30 @@ def fused_kernels(t: torch.Tensor):
     return ext
 
 
-def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
-    """silu(h[:, :F]) * h[:, F:] -> [A, F] (no autograd; see `SwiGLUFn`)."""
+def swiglu(h_A2F: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(h[:, :F]) * h[:, F:] -> [A, F] (no autograd; see `SwiGLUFn`), written into `out`
+    (contiguous, [A, F]) when given."""
     ext = fused_kernels(h_A2F)
     if ext is not None:
-        return ext.swiglu_forward(h_A2F)
+        return ext.swiglu_forward(h_A2F, out)
     gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
-    return F.silu(gate_AF) * up_AF
+    if out is None:
+        return F.silu(gate_AF) * up_AF
+    return torch.mul(F.silu(gate_AF), up_AF, out=out)
 
 
-def swiglu_backward(h_A2F: torch.Tensor, grad_act_AF: torch.Tensor) -> torch.Tensor:
-    """d loss / d h for act = swiglu(h), given d loss / d act -> [A, 2F]."""
+def swiglu_backward(h_A2F: torch.Tensor, grad_act_AF: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d h for act = swiglu(h), given d loss / d act -> [A, 2F] (written into `out`, a
+    contiguous tensor like h, when given)."""
     ext = fused_kernels(h_A2F)
     if ext is not None:
-        return ext.swiglu_backward(h_A2F, grad_act_AF)
+        return ext.swiglu_backward(h_A2F, grad_act_AF, out)
     # Four passes (PyTorch's own silu backward for the gate half): on a GPU each is a kernel
     # over [A, F], and writing the derivative out term by term took nine.
     hidden = h_A2F.shape[-1] // 2
     gate_AF, up_AF = h_A2F[:, :hidden], h_A2F[:, hidden:]
-    grad_h_A2F = torch.empty_like(h_A2F)
+    grad_h_A2F = torch.empty_like(h_A2F) if out is None else out
     torch.mul(grad_act_AF, F.silu(gate_AF), out=grad_h_A2F[:, hidden:])  # d up = d act * silu(g)
     # d gate = (d act * up) * silu'(g)
     torch.ops.aten.silu_backward.grad_input(grad_act_AF * up_AF, gate_AF, grad_input=grad_h_A2F[:, :hidden])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from sparselm.moe.buffers import reusable
 from sparselm.moe.fused import fused_kernels, swiglu, swiglu_backward
 
 
@@ -59,10 +60,12 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         hidden = down_EDF.shape[-1]
         x_AD = x_AD.contiguous()
         run = _products(x_AD, counts, dim, hidden)
-        h_A2F = x_AD.new_empty(num_rows, 2 * hidden)
+        # Reused storage (buffers.py): a fresh CPU tensor of this size is paged in every step.
+        h_A2F = reusable("grouped_swiglu.h", (num_rows, 2 * hidden), x_AD)
         run([(x_AD[a:b], gate_up_E2FD[e].t(), h_A2F[a:b]) for e, a, b in _groups(counts)])  # [n, 2F] each
-        act_AF = swiglu(h_A2F)  # [A, F], one fused pass where the C++ kernels run
-        y_AD = x_AD.new_empty(num_rows, dim)
+        # [A, F], one fused pass where the C++ kernels run
+        act_AF = swiglu(h_A2F, out=reusable("grouped_swiglu.act", (num_rows, hidden), x_AD))
+        y_AD = reusable("grouped_swiglu.y", (num_rows, dim), x_AD)
         run([(act_AF[a:b], down_EDF[e].t(), y_AD[a:b]) for e, a, b in _groups(counts)])  # [n, D] each
         ctx.save_for_backward(x_AD, gate_up_E2FD, down_EDF, h_A2F, act_AF)
         ctx.counts = counts
@@ -77,8 +80,8 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
 
         run = _products(x_AD, counts, x_AD.shape[1], down_EDF.shape[-1])
 
-        grad_act_AF = torch.empty_like(act_AF)
-        grad_down = _zero_unused(down_EDF, counts) if want_down else None
+        grad_act_AF = reusable("grouped_swiglu.grad_act", tuple(act_AF.shape), act_AF)
+        grad_down = _zero_unused("grouped_swiglu.grad_down", down_EDF, counts) if want_down else None
         products = []
         for e, a, b in _groups(counts):
             products.append((grad_y_AD[a:b], down_EDF[e], grad_act_AF[a:b]))  # [n, F]
@@ -86,11 +89,12 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
                 products.append((grad_y_AD[a:b].t(), act_AF[a:b], grad_down[e]))  # [D, F]
         run(products)
 
-        grad_h_A2F = swiglu_backward(h_A2F, grad_act_AF)  # [A, 2F]
+        grad_h_A2F = swiglu_backward(h_A2F, grad_act_AF,
+                                     out=reusable("grouped_swiglu.grad_h", tuple(h_A2F.shape), h_A2F))  # [A, 2F]
         del grad_act_AF
 
-        grad_x = torch.empty_like(x_AD) if want_x else None
-        grad_gate_up = _zero_unused(gate_up_E2FD, counts) if want_gate_up else None
+        grad_x = reusable("grouped_swiglu.grad_x", tuple(x_AD.shape), x_AD) if want_x else None
+        grad_gate_up = _zero_unused("grouped_swiglu.grad_gate_up", gate_up_E2FD, counts) if want_gate_up else None
         products = []
         for e, a, b in _groups(counts):
             if want_x:
@@ -103,9 +107,10 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         return grad_x, grad_gate_up, grad_down, None
 
 
-def _zero_unused(weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Gradient buffer for stacked weights: experts without rows get exact zeros."""
-    grad = torch.empty_like(weight)
+def _zero_unused(name: str, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Gradient buffer for stacked weights (reused storage where nothing holds it any more:
+    not a parameter's .grad, not an optimizer's copy): experts without rows get exact zeros."""
+    grad = reusable(name, tuple(weight.shape), weight)
     for e, n in enumerate(counts):
         if not n:
             grad[e].zero_()

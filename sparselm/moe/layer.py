@@ -39,7 +39,7 @@ class MoEConfig:
         renormalised top-k gates, gate_scale = top_k makes the gates sum to k, so the
         routed output has the scale of a dense MLP with k x F neurons (trains faster
         from scratch); 1.0 keeps upcycled models equal to their dense source.
-    dispatch: "auto" (grouped_mm where it runs, per-expert slices for bf16/fp16 on CPU;
+    dispatch: "auto" (per-expert slices on CPU, grouped_mm elsewhere where it runs;
         see `dispatch`), "sorted" (per-expert slices), "grouped_mm" or "naive" (reference).
     """
 

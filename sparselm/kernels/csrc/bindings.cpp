@@ -20,8 +20,8 @@ at::Tensor csr_to_dense(at::Tensor crow, at::Tensor col, at::Tensor values, int6
                         int64_t out_features);
 at::Tensor nm_to_dense(at::Tensor idx, at::Tensor values, int64_t n, int64_t m, int64_t in_features);
 at::Tensor dense_gemv(at::Tensor x, at::Tensor w);
-at::Tensor swiglu_forward(at::Tensor h);
-at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act);
+at::Tensor swiglu_forward(at::Tensor h, c10::optional<at::Tensor> out);
+at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act, c10::optional<at::Tensor> out);
 at::Tensor rows_sum(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights);
 std::tuple<at::Tensor, at::Tensor> rows_sum_backward(at::Tensor src, at::Tensor rows, c10::optional<at::Tensor> weights,
                                                      at::Tensor grad_out, bool need_weight_grad);
@@ -47,8 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &sparselm::dense_gemv, "x[1,K] @ W.T, dense, same threads as the sparse kernels");
   m.def("obs_prune_block", &sparselm::obs_prune_block,
         "SparseGPT's column loop over one block, row-parallel, in place (W, prune, err)");
-  m.def("swiglu_forward", &sparselm::swiglu_forward, "silu(h[:, :F]) * h[:, F:] for h [rows, 2F], one pass");
-  m.def("swiglu_backward", &sparselm::swiglu_backward, "gradient of swiglu_forward w.r.t. h, one pass");
+  m.def("swiglu_forward", &sparselm::swiglu_forward, "silu(h[:, :F]) * h[:, F:] for h [rows, 2F], one pass (into out if given)",
+        pybind11::arg("h"), pybind11::arg("out") = pybind11::none());
+  m.def("swiglu_backward", &sparselm::swiglu_backward, "gradient of swiglu_forward w.r.t. h, one pass (into out if given)",
+        pybind11::arg("h"), pybind11::arg("grad_act"), pybind11::arg("out") = pybind11::none());
   m.def("rows_sum", &sparselm::rows_sum, "out[t] = sum_k w[t, k] * src[rows[t, k]] (fp32 accumulation)");
   m.def("rows_sum_backward", &sparselm::rows_sum_backward,
         "gradients of rows_sum w.r.t. src (rows used at most once) and, if asked, w");

@@ -272,12 +272,24 @@ void rows_sum_backward_impl(const T* src, const int64_t* rows, const float* w, c
 
 }  // namespace
 
-at::Tensor swiglu_forward(at::Tensor h) {
+// `out` when given (checked: contiguous, on the CPU, of h's dtype and the result's shape), else a
+// new tensor. Callers pass reused buffers: a fresh large CPU tensor is paged in again every call.
+static at::Tensor output_like(const c10::optional<at::Tensor>& out, const at::Tensor& h, at::IntArrayRef sizes,
+                       const char* what) {
+  if (!out.has_value()) return at::empty(sizes, h.options());
+  TORCH_CHECK(out->sizes() == sizes && out->scalar_type() == h.scalar_type() && out->is_contiguous() &&
+                  out->device().is_cpu(),
+              what, ": out must be a contiguous CPU ", h.scalar_type(), " tensor of shape ", sizes, ", got ",
+              out->scalar_type(), " ", out->sizes());
+  return *out;
+}
+
+at::Tensor swiglu_forward(at::Tensor h, c10::optional<at::Tensor> out) {
   check_float_or_bf16(h, "swiglu_forward", "h");
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "swiglu_forward: h must be [rows, 2F], got ", h.sizes());
   h = h.contiguous();
   const int64_t rows = h.size(0), F = h.size(1) / 2;
-  at::Tensor act = at::empty({rows, F}, h.options());
+  at::Tensor act = output_like(out, h, {rows, F}, "swiglu_forward");
   SPARSELM_DISPATCH_VALUES(h, "swiglu_forward", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* ap = act.data_ptr<scalar_t>();
@@ -286,7 +298,7 @@ at::Tensor swiglu_forward(at::Tensor h) {
   return act;
 }
 
-at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act) {
+at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act, c10::optional<at::Tensor> out) {
   check_float_or_bf16(h, "swiglu_backward", "h");
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "swiglu_backward: h must be [rows, 2F], got ", h.sizes());
   TORCH_CHECK(grad_act.dim() == 2 && grad_act.size(0) == h.size(0) && grad_act.size(1) * 2 == h.size(1),
@@ -294,7 +306,7 @@ at::Tensor swiglu_backward(at::Tensor h, at::Tensor grad_act) {
   h = h.contiguous();
   grad_act = grad_act.to(h.scalar_type()).contiguous();
   const int64_t rows = h.size(0), F = h.size(1) / 2;
-  at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_h = output_like(out, h, h.sizes(), "swiglu_backward");
   SPARSELM_DISPATCH_VALUES(h, "swiglu_backward", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
     const scalar_t* dap = grad_act.data_ptr<scalar_t>();
