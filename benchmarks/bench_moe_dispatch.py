@@ -39,6 +39,8 @@ import time
 import torch
 
 from sparselm.bench.timing import alternating_rounds, median_ratio, ratio_interval
+from sparselm.cli.common import resolve_device
+from sparselm.errors import SparselmError
 from sparselm.moe.experts import SharedSwiGLU, grouped_mm_available
 from sparselm.moe.fused import SwiGLUFn
 from sparselm.moe.layer import MoEConfig, MoELayer
@@ -160,8 +162,10 @@ def main(argv=None) -> dict:
         parser.error(f"unknown dtype(s) {unknown} in --dtypes; use fp32 and/or bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU and a CUDA build of PyTorch; this one has none")
+    try:  # the CLI's device check: malformed names, CUDA without a GPU, GPU indices past the machine's
+        args.device = resolve_device(args.device)
+    except SparselmError as err:
+        parser.error(str(err))
 
     results = {}
     print(f"MoE dispatch, forward+backward, T={args.tokens} D={args.dim} E={args.experts} "

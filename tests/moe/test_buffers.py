@@ -89,15 +89,19 @@ def test_other_devices_allocate_normally():
     assert all(key[0] != "m" for key in getattr(buffers._local, "pools", {}))
 
 
-def test_made_in_inference_mode_writable_outside():
+def test_made_in_inference_mode_usable_outside():
+    """A storage first made under inference mode is a normal tensor: autograd can save it later."""
     with torch.inference_mode():
         t = reusable("inf", (3, 3), torch.empty(0))
         t.fill_(1.0)
+        assert not t.is_inference()
     del t
     u = reusable("inf", (3, 3), torch.empty(0))
-    u.fill_(2.0)  # not an inference tensor: writable under grad mode too
-    y = (u * torch.ones(3, 3, requires_grad=True)).sum()
-    y.backward()
+    assert not u.is_inference()
+    u.fill_(2.0)
+    w = torch.ones(3, 3, requires_grad=True)
+    (u * w).sum().backward()  # mul saves u for w's gradient
+    assert torch.equal(w.grad, torch.full((3, 3), 2.0))
 
 
 @pytest.mark.skipif(fused_kernels(torch.empty(1)) is None, reason="needs the C++ kernels")
